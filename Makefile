@@ -48,8 +48,7 @@ sync-check: $(STAMP)
 	@echo "sync-check: notebooks, library and metadata agree"
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_guidance.py
-	$(PY) benchmarks/bench_propagate.py
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)

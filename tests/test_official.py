@@ -1,0 +1,99 @@
+"""The released CMP checkpoints load into cmp_nb and compute what the authors' code computes."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cmp_nb.losses import logits_to_flow
+from cmp_nb.model import PRESETS, build_model, infer_preset, load_official_checkpoint
+
+RELEASED = {'resnet50_skiplayer_semiauto': 'resnet50-skip-official',
+            'resnet50_plain_voc': 'resnet50-plain',
+            'alexnet_plain_voc': 'alexnet-plain'}
+
+
+@pytest.fixture(scope='module')
+def official(official_fixtures):
+    torch.set_num_threads(2)
+    return load_official_checkpoint(official_fixtures / 'official_resnet50_skiplayer_random_fp16.pth.tar')
+
+
+@pytest.fixture(scope='module')
+def reference(official_fixtures):
+    io = np.load(official_fixtures / 'official_resnet50_skiplayer_reference_io.npz')
+    return {k: io[k] for k in io.files}
+
+
+def test_checkpoint_preset_inferred(official):
+    assert official.preset == 'resnet50-skip-official'
+    assert not official.training
+    assert all(p.dtype == torch.float32 for p in official.parameters())
+
+
+def test_reference_logits_and_flow(official, reference):
+    image, sparse = torch.from_numpy(reference['image']), torch.from_numpy(reference['sparse'])
+    with torch.no_grad():
+        logits = official(image, sparse)
+        split = official.propagate(official.encode(image), sparse)
+        textbook = official.forward_unsplit(image, sparse)
+    ref = torch.from_numpy(reference['logits'])
+    assert logits.shape == ref.shape == (1, 198, 128, 128)
+    assert (logits - ref).abs().max().item() < 1e-3
+    assert (split - logits).abs().max().item() < 1e-4
+    assert (textbook - logits).abs().max().item() < 1e-4
+    flow = logits_to_flow(logits, int(reference['nbins']), float(reference['fmax']))
+    assert (flow - torch.from_numpy(reference['flow'])).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize('config', list(RELEASED))
+def test_manifest_keys_and_shapes(official_fixtures, config):
+    manifest = json.loads((official_fixtures / 'official_state_dict_manifest.json').read_text())[config]
+    model = build_model(RELEASED[config])
+    want = {k.removeprefix('module.'): (tuple(s), d) for k, (s, d) in manifest['state_dict'].items()}
+    got = {k: (tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()}
+    assert got == want, sorted(set(got) ^ set(want))[:20]
+    assert sum(p.numel() for p in model.parameters()) == manifest['n_params']
+    assert infer_preset(model.state_dict()) == (RELEASED[config], {})
+
+
+@pytest.mark.parametrize('name', list(PRESETS))
+def test_split_matches_textbook(name):
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    for m in model.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1); m.running_var.uniform_(0.5, 1.5)
+    size = 128
+    image, sparse = torch.randn(2, 3, size, size), torch.zeros(3, 4, size, size)
+    sparse[:, :, 40, 50] = torch.tensor([[4., -2, 1, 1], [-3, 5, 1, 1], [0, 0, 1, 1]])
+    with torch.no_grad():
+        one = model.encode(image[:1])
+        many = model.propagate(one, sparse)                       # features batch 1 vs sparse batch 3
+        ref = model.forward_unsplit(image[:1].expand(3, -1, -1, -1), sparse)
+        pair = model(image, sparse[:2])
+        pair_ref = model.forward_unsplit(image, sparse[:2])
+    assert many.shape == (3, 2 * model.nbins, size // model.stride, size // model.stride)
+    assert (many - ref).abs().max() < 1e-4
+    assert (pair - pair_ref).abs().max() < 1e-4
+
+
+def test_loader_refuses_mismatch(tmp_path):
+    sd = {'module.' + k: v.half() for k, v in build_model('small').state_dict().items()
+          if not k.endswith('num_batches_tracked')}
+    del sd['module.flow_decoder.head.bias']
+    sd['module.something.else'] = torch.zeros(2)
+    path = tmp_path / 'broken.pth.tar'
+    torch.save({'step': 1, 'state_dict': sd}, path)
+    with pytest.raises(ValueError) as e:
+        load_official_checkpoint(path)
+    msg = str(e.value)
+    assert 'broken.pth.tar' in msg and 'flow_decoder.head.bias' in msg and 'something.else' in msg
+    with pytest.raises(FileNotFoundError):
+        load_official_checkpoint(tmp_path / 'absent.pth.tar')
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ValueError) as e:
+        build_model('resnet152')
+    assert all(name in str(e.value) for name in PRESETS)

@@ -1,0 +1,237 @@
+"""FlowCanvas / AnnotationCanvas driven exactly as the browser drives them: update messages
+carrying the edit list and a sequence number go through ipywidgets' own `_handle_msg`."""
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cmp_nb.model import build_model
+from cmp_nb.propagator import Propagator, load_propagator
+from cmp_nb.widgets import FlowCanvas, split_edits, from_data_url, _ESM
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / 'data_samples' / 'quickstart.pt'
+
+
+def browser_update(widget, **state):
+    "What arrives when the front end calls model.set(...); model.save_changes()."
+    widget._handle_msg({'content': {'data': {'method': 'update', 'state': state, 'buffer_paths': []}},
+                        'buffers': []})
+
+
+def drag(widget, x0, y0, x1, y1):
+    "The front end's pointerup after a drag: the previous edits plus one arrow, seq + 1."
+    browser_update(widget, edits=list(widget.edits) + [['arrow', x0, y0, x1, y1]], seq=widget.seq + 1)
+
+
+def click(widget, x, y, kind='static'):
+    browser_update(widget, edits=list(widget.edits) + [[kind, x, y, x, y]], seq=widget.seq + 1)
+
+
+@pytest.fixture(scope='module')
+def image():
+    rng = np.random.default_rng(0)
+    img = np.zeros((200, 300, 3), np.uint8)
+    img[...] = (rng.random((200, 300, 1)) * 60).astype(np.uint8)
+    img[50:120, 100:200] = (200, 80, 40)
+    return img
+
+
+@pytest.fixture()
+def prop():
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    return Propagator(build_model('small'), device='cpu')
+
+
+class Recorder:
+    "Wraps model.propagate to keep every sparse input the model actually receives."
+    def __init__(self, model):
+        self.sparse, self._orig = [], model.propagate
+        model.propagate = self
+
+    def __call__(self, features, sparse):
+        self.sparse.append(sparse.detach().cpu().clone())
+        return self._orig(features, sparse)
+
+
+def test_widget_without_front_end(prop, image):
+    c = FlowCanvas(prop, image, threaded=False)
+    assert type(c.comm).__name__ == 'DummyComm'           # no kernel, no browser: still works
+    assert (c.img_width, c.img_height) == (300, 200)
+    assert c.shown_seq == c.seq == 1 and c.flow.shape == (200, 300, 2)
+    assert from_data_url(c.result_url).shape[:2] == c.disp_size
+    assert from_data_url(c.legend_url).shape == (96, 96, 3)
+
+
+def test_front_end_module_is_offline():
+    assert 'export default' in _ESM
+    assert 'import ' not in _ESM and 'http' not in _ESM and 'require(' not in _ESM
+
+
+def test_arrow_reaches_model_as_sparse_input(prop, image):
+    c = FlowCanvas(prop, image, threaded=False)
+    rec = Recorder(prop.model)
+    feats = prop.features
+    drag(c, 150, 60, 170, 55)
+    click(c, 30, 180)
+    assert c.shown_seq == c.seq == 3 and c.status.startswith('#3: 1 arrow, 1 static'), c.status
+    assert prop.features is feats                           # edits never re-encode
+    s = rec.sparse[-1]
+    h, w = prop.in_size
+    assert s.shape == (1, 4, h, w)
+    sx, sy = w / 300, h / 200
+    ys, xs = torch.nonzero(s[0, 2], as_tuple=True)
+    got = sorted(zip(xs.tolist(), ys.tolist()))
+    assert got == sorted([(round(150 * sx), round(60 * sy)), (round(30 * sx), round(180 * sy))])
+    ax, ay = round(150 * sx), round(60 * sy)
+    np.testing.assert_allclose(s[0, :2, ay, ax].numpy(), [20 * sx, -5 * sy], rtol=1e-5)
+    np.testing.assert_allclose(s[0, :2, round(180 * sy), round(30 * sx)].numpy(), [0, 0])
+    assert torch.equal(s[0, 2], s[0, 3])                    # the mask, twice
+    expected = prop.predict(arrows=[[150, 60, 170, 55]], static=[[30, 180]])
+    np.testing.assert_allclose(c.flow, expected, atol=1e-5)
+    np.testing.assert_array_equal(c.guidance(), [[150, 60, 20, -5], [30, 180, 0, 0]])
+
+
+def test_undo_and_clear_messages(prop, image):
+    c = FlowCanvas(prop, image, threaded=False)
+    drag(c, 150, 60, 170, 55)
+    drag(c, 50, 50, 40, 70)
+    browser_update(c, edits=c.edits[:-1], seq=c.seq + 1)    # Undo: the list minus its last edit
+    np.testing.assert_allclose(c.flow, prop.predict(arrows=[[150, 60, 170, 55]]), atol=1e-5)
+    browser_update(c, edits=[], seq=c.seq + 1)              # Clear
+    np.testing.assert_allclose(c.flow, prop.predict(), atol=1e-5)
+    assert c.status.startswith(f'#{c.seq}: 0 arrows, 0 static')
+
+
+@pytest.mark.parametrize('size', [(37, 91), (600, 220), (384, 384)])
+def test_any_image_size(prop, size):
+    img = np.full(size + (3,), 128, np.uint8)
+    H, W = size
+    c = FlowCanvas(prop, img, threaded=False)
+    drag(c, W - 1, H - 1, W - 10, H - 5)                    # the corner pixel maps inside the model frame
+    assert c.error is None, c.status
+    assert c.flow.shape == (H, W, 2)
+    dh, dw = c.disp_size
+    assert from_data_url(c.result_url).shape == (dh, dw, 3) and abs(dh / dw - H / W) < 0.05
+
+
+def test_stale_and_bad_messages(prop, image):
+    c = FlowCanvas(prop, image, threaded=False)
+    drag(c, 150, 60, 170, 55)
+    shown = c.shown_seq
+    browser_update(c, edits=[['static', 1, 1, 1, 1]], seq=shown - 1)   # late / out of order
+    assert c.shown_seq == shown and c.stats['stale'] == 1
+    browser_update(c, edits=[['arrow', 400, 10, 410, 10]], seq=shown + 1)
+    assert 'error' in c.status and 'outside' in c.status
+    browser_update(c, edits=[['wiggle', 1, 1, 1, 1]], seq=shown + 2)
+    assert "unknown kind 'wiggle'" in c.status
+    browser_update(c, edits=[['arrow', 10, 10, 20, 20]], seq=c.seq + 1)   # still alive
+    assert c.error is None and c.shown_seq == c.seq
+
+
+class SlowPropagator:
+    "Propagator wrapper: each prediction takes >= delay s; records what was computed, in order."
+    def __init__(self, prop, delay=0.25):
+        self.prop, self.delay, self.calls, self.threads = prop, delay, [], set()
+
+    def set_image(self, img): return self.prop.set_image(img)
+
+    @property
+    def image(self): return self.prop.image
+
+    def predict(self, **kw):
+        self.threads.add(threading.current_thread().name)
+        self.calls.append(kw)
+        time.sleep(self.delay)
+        return self.prop.predict(**kw)
+
+
+def test_latest_edit_wins(prop, image):
+    slow = SlowPropagator(prop)
+    c = FlowCanvas(slow, image)
+    assert c.wait(20)
+    n0 = len(slow.calls)
+    t0 = time.perf_counter()
+    for i in range(6):                                      # six edits in quick succession
+        browser_update(c, edits=[['arrow', 150, 60, 152 + 3 * i, 60]], seq=c.seq + 1)
+    handler_s = time.perf_counter() - t0
+    assert handler_s < 0.2, f'the message handler blocked for {handler_s:.2f} s'
+    assert c.wait(20)
+    assert c.shown_seq == c.seq
+    np.testing.assert_allclose(slow.calls[-1]['arrows'], [[150, 60, 167, 60]])   # the last edit was computed last
+    np.testing.assert_allclose(c.flow, prop.predict(arrows=[[150, 60, 167, 60]]), atol=1e-5)   # and is shown
+    computed = len(slow.calls) - n0
+    assert computed <= 3, f'{computed} predictions for 6 edits: stale work was queued'
+    assert c.stats['skipped'] + c.stats['dropped'] >= 6 - computed
+    assert slow.threads == {'FlowCanvas-worker'}
+    c.close()
+    c._worker.join(2)
+    assert not c._worker.is_alive()
+
+
+def test_result_superseded_while_computing_is_dropped(prop, image):
+    slow = SlowPropagator(prop, delay=0.4)
+    c = FlowCanvas(slow, image)
+    assert c.wait(20)
+    shown = []
+    c.observe(lambda ch: shown.append(ch['new']), names='shown_seq')
+    drag(c, 150, 60, 160, 60)            # starts computing
+    time.sleep(0.1)
+    drag(c, 150, 60, 170, 60)            # arrives while the first is running
+    assert c.wait(20)
+    assert shown == [c.seq], shown       # the superseded result was never shown
+    assert c.stats['dropped'] == 1
+    c.close()
+
+
+def test_official_checkpoint(official_fixtures, image):
+    from cmp_nb.model import load_official_checkpoint
+    ck = official_fixtures / 'official_resnet50_skiplayer_random_fp16.pth.tar'
+    model = load_official_checkpoint(ck)
+    c = FlowCanvas(Propagator(model, device='cpu', max_side=256), image, threaded=False)
+    drag(c, 150, 60, 170, 55)
+    click(c, 30, 180)
+    assert c.error is None, c.status
+    assert c.flow.shape == (200, 300, 2) and np.isfinite(c.flow).all()
+    np.testing.assert_allclose(c.flow, c.prop.predict(arrows=[[150, 60, 170, 55]], static=[[30, 180]]), atol=1e-4)
+    c2 = FlowCanvas.from_checkpoint(ck, image, device='cpu', max_side=256, threaded=False)   # the one-liner
+    c2.edit(arrows=[[150, 60, 170, 55]], static=[[30, 180]])
+    np.testing.assert_allclose(c2.flow, c.flow, atol=1e-4)
+
+
+@pytest.mark.skipif(not QUICKSTART.exists(), reason=f'{QUICKSTART} not trained yet')
+def test_quickstart_checkpoint(image):
+    c = FlowCanvas.from_checkpoint(QUICKSTART, image, device='cpu', threaded=False)
+    drag(c, 150, 85, 175, 85)
+    assert c.error is None and np.isfinite(c.flow).all()
+    # a trained model moves the dragged pixel roughly as told
+    u, v = c.flow[85, 150]
+    assert u > 5 and abs(v) < 10, (u, v)
+
+
+def test_annotation_canvas_messages(prop, image, tmp_path):
+    from cmp_nb.annotate import AnnotationCanvas, click_mask, load_mask
+    rec = Recorder(prop.model)
+    c = AnnotationCanvas(prop, image, threaded=False, n_directions=4)
+    assert c.mode == 'annotate' and not c.mask.any() and rec.sparse == []   # no clicks: no prediction
+    click(c, 150, 85, 'pos')
+    click(c, 20, 20, 'neg')
+    assert c.status.startswith('#3: 1 positive, 1 negative'), c.status
+    s = rec.sparse[-1]
+    assert s.shape[0] == 4                                   # one batch, one guidance set per direction
+    assert (s[:, 2].flatten(1).sum(1) == 2).all()            # each set: the positive and the negative click
+    np.testing.assert_array_equal(c.mask, click_mask(prop, [[150, 85]], [[20, 20]], n_directions=4))
+    np.testing.assert_array_equal(load_mask(c.save_mask(tmp_path / 'm.png')), c.mask)
+    browser_update(c, edits=[['arrow', 1, 1, 5, 5]], seq=c.seq + 1)
+    assert 'pos/neg clicks only' in c.status
+
+
+def test_split_edits_errors():
+    with pytest.raises(ValueError, match='edit 1'):
+        split_edits([['static', 1, 1, 1, 1], ['arrow', 1, 2]])
+    with pytest.raises(TypeError, match='Propagator'):
+        FlowCanvas(object(), np.zeros((8, 8, 3), np.uint8))
