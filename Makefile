@@ -13,7 +13,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 endif
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test nbtest pytest sync-check bench clean-venv
+.PHONY: install demo test nbtest pytest sync-check bench notebooks clean-venv
 
 install: $(STAMP)
 
@@ -46,6 +46,11 @@ sync-check: $(STAMP)
 	  echo "nbdev_export/nbdev_clean changed files: notebooks and library are out of step"; \
 	  git status --porcelain -- nbs cmp_nb README.md; git --no-pager diff --stat; exit 1; fi
 	@echo "sync-check: notebooks, library and metadata agree"
+
+# Re-run the notebooks and store their outputs (pictures, tables) in them; skips #| slow / #| cuda cells.
+notebooks: $(STAMP)
+	$(PY) tools/run_notebooks.py
+	$(VENV)/bin/nbdev_clean
 
 bench: $(STAMP)
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -8,7 +8,7 @@ subsample by 2 first). Each sampler runs K=81, G=200. The SciPy reference, writt
 obvious translation of the released algorithm:
   scipy.signal.convolve2d Sobel (symmetric border) -> magnitude sum -> / max(max, 0.01) > 0.1
   -> scipy.ndimage.distance_transform_edt -> scipy.ndimage.maximum_filter KxK, equal & > 0
-  -> K//2 border zeroed -> pairwise Python loop dropping one of any two points closer than (K-1)/2
+  -> outermost rows/columns zeroed -> pairwise Python loop dropping one of any two points closer than (K-1)/2
   in both axes (coin flip) -> grid points -> dense (4,H,W) [u, v, mask, mask] array.
 Timings alternate between the implementations (so that machine load hits both alike) and report the
 median over repeats. The SciPy steps are single-threaded; cmp_nb is timed both with OpenCV/torch held to
@@ -34,8 +34,9 @@ SINTEL_FLO = ROOT.parent / 'shared' / 'data' / 'sintel' / 'clean' / 'alley_1' / 
 SOBEL = np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], np.float32)
 
 
-def scipy_sample_guidance(flow, nms_ks=81, grid_stride=200, seed=0):
-    "Reference: the released sampler's steps with plain SciPy/NumPy. Returns (points (N,2) x,y, sparse (4,H,W))."
+def scipy_sample_guidance(flow, nms_ks=81, grid_stride=200, seed=0, return_peaks=False):
+    """Reference: the released sampler's steps with plain SciPy/NumPy. Returns (points (N,2) x,y, sparse (4,H,W)),
+    and with `return_peaks` also the NMS peaks (before close pairs are dropped) as a set of full-resolution (x, y)."""
     rng = np.random.default_rng(seed)
     H, W = flow.shape[:2]
     s = max(1, max(H, W) // 400)
@@ -50,9 +51,7 @@ def scipy_sample_guidance(flow, nms_ks=81, grid_stride=200, seed=0):
     if edges.any():
         dist = ndimage.distance_transform_edt(~edges)
         peaks = (dist == ndimage.maximum_filter(dist, size=nms_ks)) & (dist > 0)
-        b = nms_ks // 2
-        peaks[:b] = False; peaks[peaks.shape[0] - b:] = False
-        peaks[:, :b] = False; peaks[:, peaks.shape[1] - b:] = False
+        peaks[0] = peaks[-1] = False; peaks[:, 0] = peaks[:, -1] = False     # the release's remove_border
         ys, xs = np.nonzero(peaks)
     d = (nms_ks - 1) / 2
     alive = [True] * len(ys)
@@ -62,15 +61,44 @@ def scipy_sample_guidance(flow, nms_ks=81, grid_stride=200, seed=0):
                 if rng.random() < 0.5: alive[i] = False
                 else: alive[j] = False
     pts = {(int(x) * s, int(y) * s) for x, y, a in zip(xs, ys, alive) if a}
-    ny, nx = -(-H // grid_stride), -(-W // grid_stride)          # ceil(side / G) points per side, centred
-    for i in range(ny):
-        for j in range(nx):
-            pts.add(((W - (nx - 1) * grid_stride) // 2 + j * grid_stride, (H - (ny - 1) * grid_stride) // 2 + i * grid_stride))
+    for y in range((H % grid_stride) // 2, H, grid_stride):       # grid from (side mod G) // 2, G apart
+        for x in range((W % grid_stride) // 2, W, grid_stride):
+            pts.add((x, y))
     points = np.array(sorted(pts, key=lambda p: (p[1], p[0])), np.int64).reshape(-1, 2)
     sparse = np.zeros((4, H, W), np.float32)
     sparse[:2, points[:, 1], points[:, 0]] = flow[points[:, 1], points[:, 0]].T
     sparse[2:, points[:, 1], points[:, 0]] = 1
+    if return_peaks: return points, sparse, {(int(x) * s, int(y) * s) for x, y in zip(xs, ys)}
     return points, sparse
+
+
+def agreement(flow, nms_ks=81, grid_stride=200, seed=0):
+    """Does cmp_nb compute what the reference computes? The NMS peaks and the grid must be identical; the close-pair
+    step is random in both (a coin flip per conflicting pair here, a seeded random visiting order in cmp_nb), so
+    there we check that each result keeps only peaks and grid points and no two kept peaks conflict, and for
+    cmp_nb also that every dropped peak conflicts with a kept one (the release's pass over pairs does not promise
+    that: of a chain a-b-c it may drop a, then b, keeping c alone). Returns a dict of named booleans."""
+    ref_pts, ref_sparse, peaks = scipy_sample_guidance(flow, nms_ks, grid_stride, seed, return_peaks=True)
+    pts, sparse = sample_guidance(flow, nms_ks=nms_ks, grid_stride=grid_stride, seed=seed)
+    H, W = flow.shape[:2]
+    s = max(1, max(H, W) // 400)
+    grid = {(x, y) for y in range((H % grid_stride) // 2, H, grid_stride) for x in range((W % grid_stride) // 2, W, grid_stride)}
+    d = (nms_ks - 1) / 2 * s                                  # conflict distance in full-resolution pixels
+    def valid(points, maximal):
+        kept = {tuple(p) for p in points.tolist()} - grid
+        conflict = lambda a, b: a != b and abs(a[0] - b[0]) < d and abs(a[1] - b[1]) < d
+        return (kept <= peaks and grid <= {tuple(p) for p in points.tolist()}
+                and not any(conflict(a, b) for a in kept for b in kept)
+                and (not maximal or all(any(conflict(p, k) for k in kept) for p in peaks - kept)))
+    ours = {tuple(p) for p in pts.tolist()}
+    from cmp_nb.guidance import nms_peaks, edge_distance2, flow_edges
+    f = np.ascontiguousarray(flow[::s, ::s])
+    py, px = nms_peaks(edge_distance2(flow_edges(f)), nms_ks).nonzero()
+    return {'same NMS peaks': {(int(x) * s, int(y) * s) for x, y in zip(px, py)} == peaks,
+            'reference valid': valid(ref_pts, False), 'cmp_nb valid': valid(pts, True),
+            'sparse holds the flow at the points': bool(np.array_equal(sparse.numpy()[:2, pts[:, 1], pts[:, 0]], flow[pts[:, 1], pts[:, 0]].T)
+                                                        and sparse.numpy()[2].sum() == len(ours) == len(pts)),
+            'same points': ours == {tuple(p) for p in ref_pts.tolist()}}
 
 
 def timed(fn, repeat):
@@ -88,9 +116,9 @@ def set_threads(n):
 
 def bench_case(name, flow, repeat, batch, threads, devices):
     "Print one size's figures; return the speed-ups of sample_guidance per thread setting."
-    ref_pts, ref_sparse = scipy_sample_guidance(flow, seed=0)
-    pts, sparse = sample_guidance(flow, seed=0)
-    same = np.array_equal(ref_pts, pts) and np.array_equal(ref_sparse, sparse.numpy())
+    pts, _ = sample_guidance(flow, seed=0)
+    checks = agreement(flow)
+    same = all(v for k, v in checks.items() if k != 'same points')
     ref_ms, fast_ms = [], {t: [] for t in threads}
     for _ in range(5):                              # interleave, so slow phases of a busy machine hit all alike
         set_threads(1)
@@ -99,7 +127,7 @@ def bench_case(name, flow, repeat, batch, threads, devices):
             set_threads(t)
             fast_ms[t].append(timed(lambda: sample_guidance(flow, seed=0), max(1, repeat // 5))[0])
     ref = float(np.median(ref_ms))
-    print(f'\n{name}: {flow.shape[1]}x{flow.shape[0]}, {len(pts)} points, same points and sparse tensor as the reference: {same}')
+    print(f'\n{name}: {flow.shape[1]}x{flow.shape[0]}, {len(pts)} points; ' + ', '.join(f'{k}: {v}' for k, v in checks.items()))
     print(f'  scipy reference (1 thread)                        {ref:8.2f} ms/image')
     ratios = {}
     for t in threads:

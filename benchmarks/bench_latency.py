@@ -7,7 +7,8 @@ model at 384x384, 2 threads, eval mode, no grad. Median over interleaved runs of
                     naive tool would run per edit)
   propagate only    model.propagate(cached features, sparse): what the canvas runs per edit
   Propagator.predict  propagate + bin decoding + resize to the photo's size (numpy flow)
-  canvas edit       FlowCanvas handling one browser update: predict + Middlebury colours + PNG
+  canvas edit       FlowCanvas handling one browser update: predict + Middlebury colours (at
+                    display size) + JPEG data URL (quality 92) of the flow picture
 The browser-side number (drag -> new flow picture on screen) comes from tests/test_browser.py
 (test-artifacts/latency.json).
 

@@ -179,11 +179,11 @@ class AnnotationCanvas(FlowCanvas):
         g = split_edits(edits)
         if len(g['arrow']) or len(g['static']): raise ValueError('annotation mode takes pos/neg clicks only')
         img = self.prop.image
-        if len(g['pos']): self.mask = click_mask(self.prop, g['pos'], g['neg'] if len(g['neg']) else None, **self.mask_kw)
-        else: self.mask = np.zeros(img.shape[:2], bool)
-        picture = resize_image(overlay_mask(img, self.mask), self.disp_size)
-        info = f"{_plural(len(g['pos']), 'positive')}, {len(g['neg'])} negative, mask {100 * self.mask.mean():.1f}% of the image"
-        return picture, info
+        if len(g['pos']): mask = click_mask(self.prop, g['pos'], g['neg'] if len(g['neg']) else None, **self.mask_kw)
+        else: mask = np.zeros(img.shape[:2], bool)
+        picture = resize_image(overlay_mask(img, mask), self.disp_size)
+        info = f"{_plural(len(g['pos']), 'positive')}, {len(g['neg'])} negative, mask {100 * mask.mean():.1f}% of the image"
+        return picture, info, dict(mask=mask)                # `mask` is set when the result is published
 
     def save_mask(self, path) -> Path:
         "Export the current mask as a PNG (0 / 255)."

@@ -311,7 +311,8 @@ def epe(pred, gt, valid=None) -> float:
     "Mean end-point error `|pred - gt|` in pixels over all pixels or over the `valid` mask."
     p, g = _flow_torch(pred, 'pred'), _flow_torch(gt, 'gt')
     if p.shape != g.shape: raise ValueError(f'pred shape {tuple(p.shape)} and gt shape {tuple(g.shape)} differ')
-    err = torch.linalg.vector_norm(p.double() - g.to(p.device).double(), dim=1)          # (B,H,W)
+    dt = torch.float32 if p.device.type == 'mps' else torch.float64                   # MPS has no float64
+    err = torch.linalg.vector_norm(p.to(dt) - g.to(p.device, dt), dim=1)                # (B,H,W)
     if valid is None: return float(err.mean())
     m = torch.as_tensor(np.asarray(valid) if isinstance(valid, np.ndarray) else valid).to(err.device) != 0
     if m.ndim == 4 and m.shape[1] == 1: m = m[:, 0]

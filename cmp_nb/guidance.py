@@ -45,14 +45,13 @@ def edge_distance2(edges: np.ndarray, compact: bool = False) -> np.ndarray:
 
 # %% ../nbs/01_guidance.ipynb #55da6b53
 def nms_peaks(d2: np.ndarray, nms_ks: int) -> np.ndarray:
-    "Pixels equal to the max of their `nms_ks` x `nms_ks` window, > 0, outside a `nms_ks // 2` border; bool."
+    "Pixels equal to the max of their `nms_ks` x `nms_ks` window (clipped to the image), > 0, off the outermost rows/columns; bool."
     peaks = np.zeros(d2.shape, bool)
-    b = nms_ks // 2
     top = float(d2.max())
-    if not np.isfinite(top) or min(d2.shape) <= 2 * b: return peaks
+    if not np.isfinite(top) or min(d2.shape) <= 2: return peaks
     x = d2.astype(np.uint16) if top <= 65535 and d2.dtype != np.uint16 else d2
-    mx = cv2.dilate(x, np.ones((nms_ks, nms_ks), np.uint8))
-    inner = (slice(b, d2.shape[0] - b), slice(b, d2.shape[1] - b))
+    mx = cv2.dilate(x, np.ones((nms_ks, nms_ks), np.uint8))                    # outside the image counts as -inf
+    inner = (slice(1, d2.shape[0] - 1), slice(1, d2.shape[1] - 1))
     np.logical_and(x[inner] == mx[inner], x[inner] > 0, out=peaks[inner])
     return peaks
 
@@ -103,12 +102,11 @@ def drop_close_points(xs: np.ndarray, ys: np.ndarray, min_dist: float, size, see
 
 # %% ../nbs/01_guidance.ipynb #2bee2f31
 def _grid_axis(n: int, g: int) -> np.ndarray:
-    "ceil(n/g) positions g apart, centred in [0, n)."
-    k = -(-n // g)
-    return np.arange((n - (k - 1) * g) // 2, n, g)[:k]
+    "Positions g apart in [0, n), starting at (n mod g) // 2 (the released sampler's grid)."
+    return np.arange((n % g) // 2, n, g)
 
 def grid_points(size, grid_stride: int) -> np.ndarray:
-    "Centred grid `(N,2)` int64 of (x, y): `ceil(side / grid_stride)` points per side, `grid_stride` px apart."
+    "Grid `(N,2)` int64 of (x, y), `grid_stride` px apart, starting at `(side % grid_stride) // 2` on each axis."
     H, W = size
     gy, gx = np.meshgrid(_grid_axis(H, grid_stride), _grid_axis(W, grid_stride), indexing='ij')
     return np.stack([gx.ravel(), gy.ravel()], 1).astype(np.int64)
@@ -251,10 +249,8 @@ def sample_guidance_batch(flows: torch.Tensor, nms_ks: int = 81, grid_stride: in
     mag = _sobel_mag_t(f)
     edges = mag > mag.amax((1, 2), keepdim=True).clamp(min=0.01) * torch.tensor(0.1, device=dev)  # float32 like edge_threshold
     d2 = _edt2_t(edges)
-    b = nms_ks // 2
     cand = (d2 == _max_pool_sep(d2, nms_ks)) & (d2 > 0) & edges.flatten(1).any(1).view(B, 1, 1)
-    cand[:, :b] = False; cand[:, cand.shape[1] - b:] = False
-    cand[:, :, :b] = False; cand[:, :, cand.shape[2] - b:] = False
+    cand[:, [0, -1]] = False; cand[:, :, [0, -1]] = False                       # the outermost rows and columns
     kept = _drop_close_t(cand, math.ceil((nms_ks - 1) / 2) - 1, seeds)
     sel = torch.zeros(B, H, W, dtype=torch.bool, device=dev)
     kb, ky, kx = kept.nonzero(as_tuple=True)

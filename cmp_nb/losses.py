@@ -26,8 +26,12 @@ def bin_centers(nbins: int = 99, fmax: float = 50., device=None, dtype=torch.flo
     return torch.arange(nbins, device=device, dtype=dtype) * step - fmax + step / 2
 
 def flow_to_bins(flow: torch.Tensor, nbins: int = 99, fmax: float = 50.) -> torch.Tensor:
-    "Bin index (int64, same shape) of every flow value; values beyond +-fmax fall in the end bins."
+    "Bin index (int64, same shape) of every flow value; values beyond +-fmax fall in the end bins; NaN/inf refused."
     check_bins(nbins, fmax)
+    finite = torch.isfinite(flow)
+    if not bool(finite.all()):
+        raise ValueError(f'flow has {int((~finite).sum())} non-finite values (NaN or inf), which have no bin; '
+                         'mark such pixels invalid (the loss takes a valid mask) or fix the data')
     step = 2 * fmax / nbins
     f = flow.clamp(-fmax + 1e-3, fmax - 1e-3)
     return ((f + fmax) / step).floor().long().clamp_(0, nbins - 1)
@@ -62,7 +66,7 @@ def resize_target(flow: torch.Tensor, size, valid: torch.Tensor | None = None, m
     if valid is None: return F.interpolate(flow, size=tuple(size), mode='area'), None
     w = valid[:, None].to(flow.dtype)
     frac = F.interpolate(w, size=tuple(size), mode='area')          # fraction of valid pixels per cell
-    f = F.interpolate(flow * w, size=tuple(size), mode='area') / frac.clamp_min(1e-6)
+    f = F.interpolate(torch.where(valid[:, None], flow, 0), size=tuple(size), mode='area') / frac.clamp_min(1e-6)
     return f, frac[:, 0] >= 0.5
 
 # %% ../nbs/03_losses.ipynb #57172389
@@ -84,6 +88,7 @@ class DiscreteFlowLoss(nn.Module):
             if valid.shape != (B, *flow.shape[-2:]):
                 raise ValueError(f'valid must be (B, H, W) = {(B, *flow.shape[-2:])}, got {tuple(valid.shape)}')
             valid = valid.bool()
+            flow = torch.where(valid[:, None], flow, 0)              # invalid pixels may hold anything, NaN included
         flow, valid = resize_target(flow.to(logits.dtype), (h, w), valid, self.resize)
         bins = flow_to_bins(flow, self.nbins, self.fmax)
         ce = F.cross_entropy(lu, bins[:, 0], reduction='none') + F.cross_entropy(lv, bins[:, 1], reduction='none')

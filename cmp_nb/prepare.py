@@ -4,7 +4,7 @@
 
 # %% ../nbs/04d_prepare.ipynb #e7c6f7d6
 from __future__ import annotations
-import argparse, hashlib, json, os, queue, re, sys, time
+import argparse, hashlib, inspect, json, os, queue, re, sys, time
 import multiprocessing as mp
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -54,18 +54,31 @@ def natural_key(name: str):
     "Sort key that orders frame_2 before frame_10."
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r'(\d+)', name)]
 
+def _real(path) -> Path:
+    "Resolved path (os.path.realpath: unlike Path.resolve it does not raise on a symlink loop)."
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+def _size(path) -> int:
+    "File size in bytes; 0 when it cannot be stat'ed (dangling symlink, deleted meanwhile)."
+    try: return os.stat(path).st_size
+    except OSError: return 0
+
 def _sid(parts, path: Path) -> str:
     slug = re.sub(r'[^A-Za-z0-9._-]+', '_', '__'.join(parts)).strip('_')[-80:] or 'source'
-    return f'{slug}-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}'
+    return f'{slug}-{hashlib.sha1(str(_real(path)).encode()).hexdigest()[:8]}'
 
 # %% ../nbs/04d_prepare.ipynb #8cfdd4e1
-def find_sources(inputs, ignored: list | None = None) -> list:
-    "Sources (videos, frame folders) under `inputs`; files that are neither go to `ignored` if given."
+def _inside(path: Path, folders) -> bool:
+    return any(path == f or f in path.parents for f in folders)
+
+def find_sources(inputs, ignored: list | None = None, exclude=()) -> list:
+    "Sources (videos, frame folders) under `inputs`, skipping folders in `exclude` and below; other files go to `ignored` if given."
     if isinstance(inputs, (str, Path)): inputs = [inputs]
     if not inputs: raise ValueError('no input paths given')
+    excl = [_real(e) for e in exclude]
     sources, seen = [], set()
     def add(src):
-        key = str(Path(src.path).resolve())
+        key = str(_real(src.path))
         if key not in seen: seen.add(key); sources.append(src)
     for inp in inputs:
         root = Path(inp).expanduser()
@@ -73,19 +86,23 @@ def find_sources(inputs, ignored: list | None = None) -> list:
         if root.is_file():
             if root.suffix.lower() in IMAGE_EXTS:
                 raise ValueError(f'{inp} is a single image; give the folder that holds the frames')
-            add(Source('video', str(root), _sid([root.name], root), root.stat().st_size)); continue
-        n0 = len(sources)
+            add(Source('video', str(root), _sid([root.name], root), _size(root))); continue
+        skip = [e for e in excl if not _inside(_real(root), [e])]   # never the folder the input is in
+        found, walked = 0, set()
         for d, dirs, files in os.walk(root, followlinks=True):
-            dirs.sort(key=natural_key); d = Path(d)
-            rel = [root.resolve().name or 'input', *d.relative_to(root).parts]
+            d, real = Path(d), _real(d)
+            if real in walked: dirs[:] = []; continue
+            walked.add(real)
+            dirs[:] = sorted((x for x in dirs if not _inside(_real(d/x), skip)), key=natural_key)
+            rel = [_real(root).name or 'input', *d.relative_to(root).parts]
             images = sorted((f for f in files if Path(f).suffix.lower() in IMAGE_EXTS), key=natural_key)
             if images:
-                add(Source('frames', str(d), _sid(rel, d), sum((d/f).stat().st_size for f in images), tuple(images)))
+                found += 1; add(Source('frames', str(d), _sid(rel, d), sum(_size(d/f) for f in images), tuple(images)))
             for f in sorted(files, key=natural_key):
                 ext = Path(f).suffix.lower()
-                if ext in VIDEO_EXTS: add(Source('video', str(d/f), _sid(rel + [f], d/f), (d/f).stat().st_size))
+                if ext in VIDEO_EXTS: found += 1; add(Source('video', str(d/f), _sid(rel + [f], d/f), _size(d/f)))
                 elif ext not in IMAGE_EXTS and ignored is not None: ignored.append(str(d/f))
-        if len(sources) == n0:
+        if not found:
             raise ValueError(f'{inp}: no videos ({" ".join(VIDEO_EXTS)}) or frame images ({" ".join(IMAGE_EXTS)}) found in this folder')
     return sources
 
@@ -384,9 +401,17 @@ def _run_pool(tasks, run, workers, est_name, est_kw, threads, max_attempts=2):
         drain(0.1)
 
 # %% ../nbs/04d_prepare.ipynb #d187ec62
+def _estimator_params(est) -> dict:
+    "What changes `est`'s flows beyond its name: DIS parameter overrides; RAFT iterations when not the default."
+    if isinstance(getattr(est, 'params', None), dict): return dict(est.params)
+    n, p = getattr(est, 'num_flow_updates', None), inspect.signature(type(est)).parameters.get('num_flow_updates')
+    return {} if n is None or (p is not None and n == p.default) else {'num_flow_updates': n}
+
 def _config(est, frame_gap, sample_every, max_side, image_format):
-    return dict(frame_gap=frame_gap, sample_every=sample_every, max_side=max_side or None,
-                image_format=image_format, estimator=est.name)
+    cfg = dict(frame_gap=frame_gap, sample_every=sample_every, max_side=max_side or None,
+               image_format=image_format, estimator=est.name)
+    if _estimator_params(est): cfg['estimator_params'] = _estimator_params(est)   # absent when none: older folders still match
+    return json.loads(json.dumps(cfg, default=lambda o: o.item() if hasattr(o, 'item') else str(o)))
 
 def _check_config(out: Path, cfg: dict):
     p = out/'prepare_config.json'
@@ -417,10 +442,13 @@ def prepare(inputs, out, *, estimator='dis', estimator_kw: dict | None = None, f
     if estimator != 'dis' and est_kw.get('device') is None:
         import torch
         if torch.cuda.is_available(): est_kw['device'] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
-    ignored = []
-    sources = find_sources(inputs, ignored)
+    out, ignored = Path(out), []
+    for i in ([inputs] if isinstance(inputs, (str, Path)) else inputs):   # an --out inside an input is skipped, not this
+        if _real(i) == _real(out) or _inside(_real(i), [_real(out/'images'), _real(out/'flows')]):
+            raise ValueError(f'input {i} is the output folder {out} or inside its images/flows; use another --out')
+    sources = find_sources(inputs, ignored, exclude=[out])
     est = get_estimator(estimator, **(est_kw if workers == 1 or estimator == 'dis' else {**est_kw, 'device': 'cpu'}))
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     cfg = _config(est, frame_gap, S, max_side, image_format)
     _check_config(out, cfg)
     mine = shard_sources(sources, rank, world_size)
@@ -471,7 +499,8 @@ def _parser():
         description='Make CMP training pairs (first image + 16-bit PNG flow + manifest.jsonl) from videos and frame folders.',
         epilog='Pairs: frames are numbered from 0 (decoding order; natural file-name order in folders). Pair starts are '
                'i = 0, S, 2S, ... (S = --sample-every, default = --frame-gap G), each paired with frame i+G; G is 1..9 '
-               '(the paper: consecutive sampled frames fewer than 10 frames apart). Resumable: rerun the same command. '
+               '(the paper: consecutive sampled frames fewer than 10 frames apart). Resumable: rerun the same command '
+               '(an --out inside an input folder is skipped when searching it). '
                'Under torchrun each rank (RANK/WORLD_SIZE) takes a shard and writes manifest.rank<R>-of-<W>.jsonl; the last '
                'rank to finish merges them into manifest.jsonl (or run: cmp_prepare --merge --out DIR).')
     p.add_argument('inputs', nargs='*', help='video files (mp4 avi webm mov mkv m4v) and/or folders (searched recursively)')

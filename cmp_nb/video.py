@@ -87,6 +87,8 @@ def guided_video(prop, image, arrows=None, paths=None, static=None, steps: int =
     p = check_paths(arrows_to_paths(arrows, steps) if arrows is not None else paths)
     st = as_points(static=static)[:, :2]
     src = load_image(image)
+    H, W = src.shape[:2]
+    inside = (p[..., 0] >= 0) & (p[..., 0] <= W - 1) & (p[..., 1] >= 0) & (p[..., 1] <= H - 1)   # (N, T+1)
     frames, flows = [src], []
     prop.set_image(src)
     for t in range(1, p.shape[1]):
@@ -94,8 +96,9 @@ def guided_video(prop, image, arrows=None, paths=None, static=None, steps: int =
             flow = prop.predict(arrows=np.concatenate([p[:, 0], p[:, t]], 1), static=st)
             frame, _ = render_frame(src, flow, holes)
         else:
+            keep = inside[:, 1:t].all(1)                   # a point that left the frame guides no later step
             if t > 1: prop.set_image(frames[-1])
-            flow = prop.predict(arrows=np.concatenate([p[:, t - 1], p[:, t]], 1), static=st)
+            flow = prop.predict(arrows=np.concatenate([p[keep, t - 1], p[keep, t]], 1), static=st)
             frame, _ = render_frame(frames[-1], flow, holes)
         frames.append(frame); flows.append(flow)
     frames = np.stack(frames)

@@ -92,11 +92,11 @@ function drawDot(ctx, x, y, color) {
   ctx.lineWidth = 1.5; ctx.strokeStyle = '#000'; ctx.stroke();
 }
 
-// edits are [kind, x0, y0, x1, y1] in IMAGE pixels; s maps them to canvas pixels
-function drawEdits(ctx, edits, s, onResult) {
+// edits are [kind, x0, y0, x1, y1] in IMAGE pixels; sx, sy map them to canvas pixels
+function drawEdits(ctx, edits, sx, sy, onResult) {
   for (const [kind, x0, y0, x1, y1] of edits) {
-    if (kind === 'arrow') drawArrow(ctx, x0 * s, y0 * s, x1 * s, y1 * s, onResult ? '#000' : COLORS.arrow, 2.5);
-    else drawDot(ctx, x0 * s, y0 * s, COLORS[kind] || '#fff');
+    if (kind === 'arrow') drawArrow(ctx, x0 * sx, y0 * sy, x1 * sx, y1 * sy, onResult ? '#000' : COLORS.arrow, 2.5);
+    else drawDot(ctx, x0 * sx, y0 * sy, COLORS[kind] || '#fff');
   }
 }
 
@@ -124,20 +124,21 @@ function render({ model, el }) {
   function redraw(preview) {
     ctx.clearRect(0, 0, dw, dh);
     if (bg.complete && bg.naturalWidth) ctx.drawImage(bg, 0, 0, dw, dh);
-    const s = dw / W, edits = model.get('edits') || [];
-    drawEdits(ctx, edits, s, false);
+    const sx = dw / W, sy = dh / H, edits = model.get('edits') || [];
+    drawEdits(ctx, edits, sx, sy, false);
     if (preview) {
       ctx.setLineDash([6, 4]);
-      drawArrow(ctx, preview[0][0] * s, preview[0][1] * s, preview[1][0] * s, preview[1][1] * s, '#ffe000', 2);
+      drawArrow(ctx, preview[0][0] * sx, preview[0][1] * sy, preview[1][0] * sx, preview[1][1] * sy, '#ffe000', 2);
       ctx.setLineDash([]);
     }
     octx.clearRect(0, 0, dw, dh);
-    drawEdits(octx, edits, s, true);
+    drawEdits(octx, edits, sx, sy, true);
   }
 
   function layout() {
     W = Math.max(1, model.get('img_width')); H = Math.max(1, model.get('img_height'));
-    dw = Math.max(1, model.get('display_width')); dh = Math.max(1, Math.round(dw * H / W));
+    // the display size comes from Python (both sides, so a capped height maps back exactly)
+    dw = Math.max(1, model.get('display_width')); dh = Math.max(1, model.get('display_height') || Math.round(dw * H / W));
     for (const c of [cv, ov]) { c.width = dw; c.height = dh; c.style.width = dw + 'px'; c.style.height = dh + 'px'; }
     res.style.width = dw + 'px'; res.style.height = dh + 'px';
     const annotate = model.get('mode') === 'annotate';
@@ -222,7 +223,7 @@ function render({ model, el }) {
     'change:image_url': () => { bg.src = model.get('image_url'); },
     'change:legend_url': () => { legend.src = model.get('legend_url'); },
     'change:img_width': layout, 'change:img_height': layout,
-    'change:display_width': layout, 'change:mode': layout,
+    'change:display_width': layout, 'change:display_height': layout, 'change:mode': layout,
     'change:edits': () => redraw(),
     'change:shown_seq': showResult,
     'change:status': () => { status.textContent = model.get('status'); },
@@ -264,21 +265,23 @@ class FlowCanvas(anywidget.AnyWidget):
     img_width = traitlets.Int(1).tag(sync=True)
     img_height = traitlets.Int(1).tag(sync=True)
     display_width = traitlets.Int(384).tag(sync=True)
+    display_height = traitlets.Int(0).tag(sync=True)
     mode = traitlets.Unicode('flow').tag(sync=True)
     edits = traitlets.List().tag(sync=True)
     seq = traitlets.Int(0).tag(sync=True)
     shown_seq = traitlets.Int(-1).tag(sync=True)
     status = traitlets.Unicode('').tag(sync=True)
 
-    def __init__(self, propagator: Propagator, image, display_width: int | None = None,
-                 max_mag: float | None = None, threaded: bool = True, **kwargs):
+    def __init__(self, propagator: Propagator, image, display_width: int | None = None, max_mag: float | None = None,
+                 threaded: bool = True, max_display_height: int | None = 448, **kwargs):
         if not (hasattr(propagator, 'set_image') and hasattr(propagator, 'predict')):
             raise TypeError(f'propagator must be a cmp_nb Propagator, got {type(propagator).__name__}')
         super().__init__(**kwargs)
         self.prop, self.max_mag, self.threaded = propagator, max_mag, threaded
-        self._want_width = display_width
+        self._want_width, self._max_height = display_width, max_display_height
         self._cond = threading.Condition()
         self._model_lock = threading.Lock()
+        self._publish_lock = threading.RLock()               # new edits vs. checking + publishing a result
         self._pending, self._busy, self._latest, self._closed = None, False, 0, False
         self._worker = None
         self.stats = dict(requests=0, computed=0, skipped=0, dropped=0, stale=0, errors=0)
@@ -298,7 +301,10 @@ class FlowCanvas(anywidget.AnyWidget):
 # %% ../nbs/06_widgets.ipynb #5f9782b2
 @patch_to(FlowCanvas)
 def _display_size(self, H: int, W: int) -> tuple:
+    "(h, w) on screen: the requested width (default: the image's, within 256..448), height capped, aspect kept."
     dw = self._want_width or int(np.clip(W, 256, 448))
+    cap = self._max_height
+    if cap and dw * H / W > cap: return int(cap), max(1, int(round(cap * W / H)))   # tall image: cap the height
     return max(1, int(round(dw * H / W))), int(dw)
 
 @patch_to(FlowCanvas)
@@ -310,25 +316,28 @@ def set_image(self, image) -> 'FlowCanvas':
         self.prop.set_image(img)
         self.encode_ms = 1000 * (time.perf_counter() - t0)
     H, W = img.shape[:2]
-    self.disp_size = self._display_size(H, W)
-    with self.hold_sync():
-        self.img_width, self.img_height, self.display_width = W, H, self.disp_size[1]
-        self.image_url = to_data_url(resize_image(img, self.disp_size), 'jpeg', 92)
-        self.legend_url = to_data_url(color_wheel(96))
-    with self.hold_trait_notifications():
-        self.edits = []
-        self.seq = max(self.seq, self._latest) + 1
+    with self._publish_lock:                    # no result for the old image can be published after this
+        self.disp_size = self._display_size(H, W)
+        with self.hold_sync():
+            self.img_width, self.img_height = W, H
+            self.display_height, self.display_width = self.disp_size
+            self.image_url = to_data_url(resize_image(img, self.disp_size), 'jpeg', 92)
+            self.legend_url = to_data_url(color_wheel(96))
+        with self.hold_trait_notifications():
+            self.edits = []
+            self.seq = max(self.seq, self._latest) + 1
     return self
 
 # %% ../nbs/06_widgets.ipynb #98dba66f
 @patch_to(FlowCanvas)
 def _on_seq(self, change):
     seq = int(change['new'])
-    if seq <= self._latest:
-        self.stats['stale'] += 1; return
-    self._latest = seq
-    self.stats['requests'] += 1
-    req = (seq, [list(e) for e in self.edits])
+    with self._publish_lock:                   # waits while a result is being checked + published
+        if seq <= self._latest:
+            self.stats['stale'] += 1; return
+        self._latest = seq
+        self.stats['requests'] += 1
+        req = (seq, [list(e) for e in self.edits])
     if not self.threaded: return self._run(req)
     with self._cond:
         if self._pending is not None: self.stats['skipped'] += 1
@@ -350,37 +359,40 @@ def _loop(self):
             with self._cond:
                 self._busy = False; self._cond.notify_all()
 
+# %% ../nbs/06_widgets.ipynb #686e4f07
 @patch_to(FlowCanvas)
 def _run(self, req):
     seq, edits = req
     t0 = time.perf_counter()
     try:
-        with self._model_lock: picture, info = self._compute(edits)
-        self.error = None
+        with self._model_lock: picture, info, state = self._compute(edits)
+        url, err = to_data_url(picture, 'jpeg', 92), None
     except Exception as e:                                 # show the problem, keep the widget alive
-        self.stats['errors'] += 1; self.error = e
-        picture, info = None, f'error: {type(e).__name__}: {e}'
+        self.stats['errors'] += 1
+        picture, url, state, err, info = None, None, {}, e, f'error: {type(e).__name__}: {e}'
     ms = 1000 * (time.perf_counter() - t0)
-    if seq < self._latest and self.error is None:
-        self.stats['dropped'] += 1; return
-    self.stats['computed'] += 1
-    with self.hold_sync():
-        if picture is not None:
-            self.result = picture
-            self.result_url = to_data_url(picture, 'jpeg', 92)
-        self.status = f'#{seq}: {info} ({ms:.0f} ms)'
-        self.shown_seq = seq
+    with self._publish_lock:                               # no new edit can arrive between check and publish
+        if seq < self._latest:                             # superseded: neither its result nor its error is shown
+            self.stats['dropped'] += 1; return
+        self.stats['computed'] += 1
+        for k, v in state.items(): setattr(self, k, v)
+        self.error = err
+        with self.hold_sync():
+            if picture is not None: self.result, self.result_url = picture, url
+            self.status = f'#{seq}: {info} ({ms:.0f} ms)'
+            self.shown_seq = seq
 
 # %% ../nbs/06_widgets.ipynb #267c3b10
 @patch_to(FlowCanvas)
 def _compute(self, edits):
     g = split_edits(edits)
-    self.flow = self.prop.predict(arrows=g['arrow'], static=g['static'])
-    mag = float(np.linalg.norm(self.flow, axis=-1).max())
-    (dh, dw), (H, W) = self.disp_size, self.flow.shape[:2]
-    small = self.flow if (dh, dw) == (H, W) else cv2.resize(self.flow, (dw, dh), interpolation=cv2.INTER_AREA)
+    flow = self.prop.predict(arrows=g['arrow'], static=g['static'])
+    mag = float(np.linalg.norm(flow, axis=-1).max())
+    (dh, dw), (H, W) = self.disp_size, flow.shape[:2]
+    small = flow if (dh, dw) == (H, W) else cv2.resize(flow, (dw, dh), interpolation=cv2.INTER_AREA)
     picture = flow_to_color(small, max_mag=self.max_mag or max(mag, 1e-6))   # colours at display size: cheaper
-    return picture, f"{_plural(len(g['arrow']), 'arrow')}, {len(g['static'])} static, max |flow| {mag:.1f} px"
+    info = f"{_plural(len(g['arrow']), 'arrow')}, {len(g['static'])} static, max |flow| {mag:.1f} px"
+    return picture, info, dict(flow=flow)
 
 @patch_to(FlowCanvas)
 def guidance(self) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The `cmp_prepare` command on real data, run as a user would: in subprocesses.
 
 Covers: an mp4 made from the Sintel alley_1 frames (the 2 -> 3 pair is checked against the ground
-truth), resuming after a kill, corrupt videos, frame-folder input, rank sharding, input errors.
+truth), resuming after a kill, corrupt videos, frame-folder input, rank sharding, input errors,
+an output folder inside the input folder, dangling and looping symlinks.
 """
 import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
@@ -203,3 +204,58 @@ def test_input_errors(tmp_path):
     assert r.returncode == 2 and 'frame_gap' in r.stderr
     r = run_cli('--out', tmp_path / 'out')
     assert r.returncode == 2 and 'no inputs' in r.stderr
+
+
+def test_out_inside_input_is_not_a_source(alley, tmp_path):
+    small = [f[::4, ::4].copy() for f in alley['frames']]
+    inputs = {}
+    for name in ('single', 'ranked'):
+        inp = inputs[name] = tmp_path / name
+        frame_folder(inp / 'seq', small)
+        write_mp4(inp / 'clip.mp4', small)
+    inp, out = inputs['single'], inputs['single'] / 'pairs'
+    args = [inp, '--out', out, '--frame-gap', '1', '--no-progress']
+    first = run_cli(*args)
+    assert first.returncode == 0 and 'cmp_prepare: 2 sources (0 already complete), pairs written 6,' in first.stdout
+    files = sorted(p for p in out.rglob('*') if p.is_file() and p.suffix == '.png')
+    second = run_cli(*args)                        # out/images/* and out/flows/* are frame folders now
+    assert second.returncode == 0
+    assert 'cmp_prepare: 2 sources (2 already complete), pairs written 0, skipped (done before) 6,' in second.stdout
+    assert 'ignored' not in second.stdout            # nor are the manifest and the json files of out listed
+    assert sorted(p for p in out.rglob('*') if p.is_file() and p.suffix == '.png') == files
+    rows = read_rows(out / 'manifest.jsonl')
+    assert len(rows) == 6 and {Path(x['source']).name for x in rows} == {'seq', 'clip.mp4'}
+
+    # ranks listing one after the other (rank 1 sees rank 0's outputs) still split the same 2 sources
+    inp = inputs['ranked']
+    got = []
+    for rank in (0, 1):
+        r = run_cli(inp, '--out', inp / 'pairs', '--frame-gap', '1', '--no-progress', env=_env(RANK=rank, WORLD_SIZE=2))
+        assert r.returncode == 0, r.stderr
+        got.append(int(r.stdout.split(f'rank {rank}/2: ')[1].split(' sources')[0]))
+    assert got == [1, 1]
+    by_name = lambda rows: {(Path(x['source']).name, x['frame1'], x['frame2']) for x in rows}
+    assert by_name(read_rows(inp / 'pairs' / 'manifest.jsonl')) == by_name(rows)
+
+    # the output folder itself (or its images/flows) as an input is refused
+    r = run_cli(out, '--out', out, '--frame-gap', '1')
+    assert r.returncode == 2 and 'is the output folder' in r.stderr
+    r = run_cli(out / 'images', '--out', out, '--frame-gap', '1')
+    assert r.returncode == 2 and 'is the output folder' in r.stderr
+
+
+def test_dangling_symlink_is_counted_not_fatal(alley, tmp_path):
+    d = tmp_path / 'videos'; d.mkdir()
+    write_mp4(d / 'good.mp4', [f[::4, ::4].copy() for f in alley['frames']])
+    (d / 'gone.mp4').symlink_to(tmp_path / 'deleted.mp4')      # dangling
+    (d / 'loop.mp4').symlink_to(d / 'loop.mp4')                # points at itself
+    for extra, code in [((), 0), (('--workers', '2', '--strict'), 1)]:
+        out = tmp_path / f'out{len(extra)}'
+        r = run_cli(d, '--out', out, '--frame-gap', '1', '--no-progress', *extra)
+        assert r.returncode == code, r.stderr
+        assert 'failed files 2' in r.stdout
+        assert f'failed: {d / "gone.mp4"}: ' in r.stdout and f'failed: {d / "loop.mp4"}: ' in r.stdout
+        assert 'gone.mp4' in r.stderr                                     # named when it failed, too
+        rows = read_rows(out / 'manifest.jsonl')
+        assert [(x['frame1'], x['frame2']) for x in rows] == [(0, 1), (1, 2), (2, 3)]
+        assert all(x['source'] == str(d / 'good.mp4') for x in rows)

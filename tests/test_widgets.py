@@ -1,7 +1,6 @@
 """FlowCanvas / AnnotationCanvas driven exactly as the browser drives them: update messages
 carrying the edit list and a sequence number go through ipywidgets' own `_handle_msg`."""
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -133,59 +132,167 @@ def test_stale_and_bad_messages(prop, image):
     assert c.error is None and c.shown_seq == c.seq
 
 
-class SlowPropagator:
-    "Propagator wrapper: each prediction takes >= delay s; records what was computed, in order."
-    def __init__(self, prop, delay=0.25):
-        self.prop, self.delay, self.calls, self.threads = prop, delay, [], set()
+class HeldPropagator:
+    "Propagator wrapper: predictions wait at `gate` (an Event the test opens); records what was computed, in order."
+    def __init__(self, prop):
+        self.prop, self.calls, self.threads, self.finished = prop, [], set(), 0
+        self.cond, self.gate = threading.Condition(), threading.Event()
+        self.gate.set()
 
     def set_image(self, img): return self.prop.set_image(img)
 
     @property
     def image(self): return self.prop.image
 
+    def wait_calls(self, n, timeout=30):
+        "Block until `n` predictions have started."
+        with self.cond:
+            return self.cond.wait_for(lambda: len(self.calls) >= n, timeout)
+
     def predict(self, **kw):
-        self.threads.add(threading.current_thread().name)
-        self.calls.append(kw)
-        time.sleep(self.delay)
-        return self.prop.predict(**kw)
+        with self.cond:
+            self.threads.add(threading.current_thread().name)
+            self.calls.append(kw)
+            self.cond.notify_all()
+        assert self.gate.wait(60), 'the test never opened the gate'   # a safety net, not a timing
+        out = self.prop.predict(**kw)
+        with self.cond:
+            self.finished += 1
+        return out
+
+
+def held_canvas(prop, image):
+    "A threaded canvas whose first (unguided) prediction is done, with the gate closed afterwards."
+    held = HeldPropagator(prop)
+    c = FlowCanvas(held, image)
+    assert c.wait(30)
+    held.gate.clear()
+    return held, c
 
 
 def test_latest_edit_wins(prop, image):
-    slow = SlowPropagator(prop)
-    c = FlowCanvas(slow, image)
-    assert c.wait(20)
-    n0 = len(slow.calls)
-    t0 = time.perf_counter()
-    for i in range(6):                                      # six edits in quick succession
+    held, c = held_canvas(prop, image)
+    n0, done0 = len(held.calls), held.finished
+    browser_update(c, edits=[['arrow', 150, 60, 152, 60]], seq=c.seq + 1)
+    assert held.wait_calls(n0 + 1)                          # the worker is inside the model call ...
+    assert held.finished == done0                           # ... which cannot finish: the handler returned first
+    for i in range(1, 6):                                   # five more edits while it is held
         browser_update(c, edits=[['arrow', 150, 60, 152 + 3 * i, 60]], seq=c.seq + 1)
-    handler_s = time.perf_counter() - t0
-    assert handler_s < 0.2, f'the message handler blocked for {handler_s:.2f} s'
-    assert c.wait(20)
+    assert len(held.calls) == n0 + 1 and held.finished == done0   # none of the handlers ran or waited for the model
+    assert c._pending[0] == c.seq and c.stats['skipped'] == 4     # one pending slot, holding the newest edit
+    held.gate.set()
+    assert c.wait(30)
     assert c.shown_seq == c.seq
-    np.testing.assert_allclose(slow.calls[-1]['arrows'], [[150, 60, 167, 60]])   # the last edit was computed last
+    assert len(held.calls) - n0 == 2                        # the held edit and the newest one: nothing in between
+    np.testing.assert_allclose(held.calls[-1]['arrows'], [[150, 60, 167, 60]])   # the last edit was computed last
     np.testing.assert_allclose(c.flow, prop.predict(arrows=[[150, 60, 167, 60]]), atol=1e-5)   # and is shown
-    computed = len(slow.calls) - n0
-    assert computed <= 3, f'{computed} predictions for 6 edits: stale work was queued'
-    assert c.stats['skipped'] + c.stats['dropped'] >= 6 - computed
-    assert slow.threads == {'FlowCanvas-worker'}
+    assert c.stats['dropped'] == 1                          # the held edit finished outdated
+    assert held.threads == {'FlowCanvas-worker'}
     c.close()
-    c._worker.join(2)
+    c._worker.join(10)
     assert not c._worker.is_alive()
 
 
 def test_result_superseded_while_computing_is_dropped(prop, image):
-    slow = SlowPropagator(prop, delay=0.4)
-    c = FlowCanvas(slow, image)
-    assert c.wait(20)
+    held, c = held_canvas(prop, image)
+    n0 = len(held.calls)
     shown = []
     c.observe(lambda ch: shown.append(ch['new']), names='shown_seq')
-    drag(c, 150, 60, 160, 60)            # starts computing
-    time.sleep(0.1)
+    drag(c, 150, 60, 160, 60)
+    assert held.wait_calls(n0 + 1)       # its prediction is running (held at the gate)
     drag(c, 150, 60, 170, 60)            # arrives while the first is running
-    assert c.wait(20)
-    assert shown == [c.seq], shown       # the superseded result was never shown
+    held.gate.set()
+    assert c.wait(30)
+    assert len(held.calls) == n0 + 2     # both were computed ...
+    assert shown == [c.seq], shown       # ... but the superseded result was never shown
     assert c.stats['dropped'] == 1
+    np.testing.assert_allclose(c.flow, prop.predict(arrows=[[150, 60, 170, 60]]), atol=1e-5)
     c.close()
+
+
+def test_superseded_error_is_never_shown(prop, image):
+    held, c = held_canvas(prop, image)
+    n0 = len(held.calls)
+    statuses = []
+    c.observe(lambda ch: statuses.append(ch['new']), names='status')
+    drag(c, 400, 10, 410, 10)            # outside the 300x200 image: this prediction will fail ...
+    assert held.wait_calls(n0 + 1)
+    browser_update(c, edits=[['arrow', 150, 60, 170, 60]], seq=c.seq + 1)   # ... but is replaced first
+    held.gate.set()
+    assert c.wait(30)
+    assert c.stats['errors'] == 1 and c.stats['dropped'] == 1   # the error happened, and was dropped
+    assert c.error is None and statuses == [c.status], statuses
+    assert c.status.startswith(f'#{c.seq}: 1 arrow'), c.status
+    drag(c, 400, 10, 410, 10)            # an error that is the latest edit is shown, as before
+    assert c.wait(30) and 'outside' in c.status and isinstance(c.error, ValueError)
+    c.close()
+
+
+class WatchedLock:
+    "Wraps the canvas's publish lock; `contended` is set when `thread` is about to wait for it."
+    def __init__(self, lock):
+        self.lock, self.thread, self.contended = lock, None, threading.Event()
+
+    def __enter__(self):
+        if threading.current_thread() is self.thread: self.contended.set()
+        self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def test_publish_is_atomic_with_new_edits(prop, image):
+    "A new edit arriving in the middle of publishing a result waits until the result is out, then supersedes it."
+    c = FlowCanvas(prop, image)
+    assert c.wait(30)
+    lock = c._publish_lock = WatchedLock(c._publish_lock)
+    first = c.seq + 1
+    seen = []                                           # (shown_seq, newest edit seq) at each publication
+
+    def newer_edit():
+        browser_update(c, edits=[['arrow', 150, 60, 170, 60]], seq=first + 1)
+
+    def mid_publish(ch):                                # runs on the worker, inside the publication
+        if lock.thread is None and ch['new'].startswith(f'#{first}:'):
+            lock.thread = threading.Thread(target=newer_edit)
+            lock.thread.start()
+            seen.append(('mid', lock.contended.wait(20), c._latest))   # the new edit reached the lock, not past it
+    c.observe(mid_publish, names='status')
+    c.observe(lambda ch: seen.append((ch['new'], c._latest)), names='shown_seq')
+    browser_update(c, edits=[['arrow', 150, 60, 160, 60]], seq=first)
+    assert c.wait(30) and lock.thread is not None
+    lock.thread.join(30)
+    assert c.wait(30) and c.shown_seq == first + 1
+    assert seen == [('mid', True, first), (first, first), (first + 1, first + 1)], seen
+    np.testing.assert_allclose(c.flow, prop.predict(arrows=[[150, 60, 170, 60]]), atol=1e-5)
+    c.close()
+
+
+@pytest.mark.parametrize('size, want', [((900, 200), (448, 100)), ((1000, 1000), (448, 448)), ((200, 300), (200, 300))])
+def test_display_height_is_capped(prop, size, want):
+    img = np.full(size + (3,), 128, np.uint8)
+    H, W = size
+    c = FlowCanvas(prop, img, threaded=False)
+    dh, dw = c.disp_size
+    assert (dh, dw) == want and (c.display_height, c.display_width) == want
+    assert abs(dw / dh - W / H) < 1 / dh + 1 / dw       # the aspect ratio, up to rounding one side
+    assert from_data_url(c.image_url).shape == from_data_url(c.result_url).shape == (dh, dw, 3)
+    # the front end's pointer -> image mapping: x * img_width / display_width, y * img_height / display_height
+    to_img = lambda px, py: (px * c.img_width / c.display_width, py * c.img_height / c.display_height)
+    assert to_img(dw, dh) == (W, H) and to_img(0, 0) == (0, 0)        # the canvas edges are the image edges
+    x0, y0 = to_img(0.75 * dw, 0.5 * dh)
+    drag(c, x0, y0, x0 + 10, y0)
+    assert c.error is None, c.status
+    np.testing.assert_allclose(c.guidance(), [[0.75 * W, 0.5 * H, 10, 0]], rtol=1e-6)
+    c.close()
+
+
+def test_display_height_options(prop):
+    img = np.full((900, 200, 3), 128, np.uint8)
+    assert FlowCanvas(prop, img, max_display_height=None, threaded=False).disp_size == (1152, 256)   # no cap
+    assert FlowCanvas(prop, img, display_width=150, threaded=False).disp_size == (448, 100)         # cap wins
+    assert FlowCanvas(prop, img, display_width=50, threaded=False).disp_size == (225, 50)           # fits
 
 
 def test_official_checkpoint(official_fixtures, image):
