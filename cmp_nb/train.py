@@ -26,10 +26,10 @@ from .losses import DiscreteFlowLoss, logits_to_flow
 # %% auto #0
 __all__ = ['AMP_DTYPES', 'DistInfo', 'pick_device', 'setup_distributed', 'all_reduce_mean', 'DistBatchNorm2d', 'convert_sync_bn',
            'build_datasets', 'collate', 'MapBatches', 'ShardBatches', 'make_loader', 'autocast_for', 'make_scaler',
-           'unwrap', 'build_train_model', 'wrap_model', 'batch_to_device', 'train_step', 'nearest_guidance_flow',
-           'predict_flow', 'evaluate', 'draw_guidance_np', 'flow_panel', 'StopRequest', 'gather_states',
-           'training_state', 'restore_training_state', 'export_weights', 'train', 'to_torchvision_resnet',
-           'export_encoder', 'export_encoder_main', 'main']
+           'unwrap', 'build_train_model', 'wrap_model', 'batch_to_device', 'check_finite', 'train_step',
+           'nearest_guidance_flow', 'predict_flow', 'evaluate', 'draw_guidance_np', 'flow_panel', 'StopRequest',
+           'gather_states', 'training_state', 'restore_training_state', 'export_weights', 'train',
+           'to_torchvision_resnet', 'export_encoder', 'export_encoder_main', 'main']
 
 # %% ../nbs/05_train.ipynb #c006
 @dataclass
@@ -268,12 +268,16 @@ def batch_to_device(batch: dict, device: torch.device, channels_last: bool = Fal
     if channels_last: out['image'] = out['image'].contiguous(memory_format=torch.channels_last)
     return out
 
-def train_step(model, batch: dict, loss_fn, opt, sched, scaler, amp_ctx=None):
+def check_finite(loss: torch.Tensor):
+    "FloatingPointError if the loss is nan or inf (this process only)."
+    if not torch.isfinite(loss): raise FloatingPointError(f'training loss became {loss.item()}; lower optim.lr or check the data')
+
+def train_step(model, batch: dict, loss_fn, opt, sched, scaler, amp_ctx=None, check=check_finite):
     "One optimiser step on a batch with image, sparse, flow (and optional valid). Returns (loss, logits), detached."
     with (amp_ctx if amp_ctx is not None else nullcontext()):
         logits = model(batch['image'], batch['sparse'])
     loss = loss_fn(logits.float(), batch['flow'], batch.get('valid'))
-    if not torch.isfinite(loss): raise FloatingPointError(f'training loss became {loss.item()}; lower optim.lr or check the data')
+    check(loss)                          # before backward: under DDP `check` must be collective (StopRequest.sync)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt); scaler.update(); sched.step()
@@ -362,20 +366,33 @@ class StopRequest:
     "Catch SIGTERM/SIGUSR1 as a flag checked between iterations (handlers restored by `close`)."
     def __init__(self, signals=None):
         if signals is None: signals = [signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, 'SIGUSR1') else [])
-        self.signum, self._old = None, {}
+        self.signum, self.stopping, self._old = None, False, {}
         if threading.current_thread() is threading.main_thread():
             for s in signals: self._old[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, frame): self.signum = signum
 
-    def agreed(self, info: DistInfo) -> bool:
-        "True if any process was asked to stop."
+    def sync(self, info: DistInfo, loss: torch.Tensor = None) -> bool:
+        "True if any process was asked to stop; FloatingPointError on every process if any `loss` is not finite."
         flag = self.signum is not None
-        if not info.distributed: return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+        if not info.distributed:
+            if loss is not None: check_finite(loss)
+            self.stopping = flag
+            return flag
+        bad = loss is not None and not bool(torch.isfinite(loss))
+        t = torch.tensor([float(flag), float(info.world_size - info.rank) if bad else 0.0], device=info.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if t.item() > 0 and self.signum is None: self.signum = signal.SIGTERM
-        return bool(t.item() > 0)
+        stop_any, first_bad = t.tolist()
+        if first_bad > 0:
+            raise FloatingPointError(f'training loss became non-finite on rank {info.world_size - int(first_bad)} of '
+                                     f'{info.world_size}; every process stops. Lower optim.lr or check the data')
+        if stop_any > 0 and self.signum is None: self.signum = signal.SIGTERM
+        self.stopping = stop_any > 0
+        return self.stopping
+
+    def agreed(self, info: DistInfo) -> bool:
+        "True if any process was asked to stop (`sync` without a loss)."
+        return self.sync(info)
 
     def close(self):
         for s, h in self._old.items(): signal.signal(s, h)
@@ -432,6 +449,17 @@ def _resume_state(resume, ckpts: Checkpoints, info: DistInfo):
     if info.is_main: print(f"cmp_train: resuming from {path} (iteration {state['iteration']})", flush=True)
     return state
 
+def _agree_on_start(start: int, info: DistInfo, run_dir: Path):
+    "All processes must resume from the same iteration: all-reduce its min and max, raise on every process if they differ."
+    if not info.distributed: return
+    t = torch.tensor([start, -start], dtype=torch.int64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    hi, lo = int(t[0]), -int(t[1])
+    if hi != lo:
+        raise RuntimeError(f'processes resumed from different iterations (from {lo} to {hi}; -1: could not read the '
+                           f'checkpoint; this is rank {info.rank}, at {start}). Only rank 0 writes checkpoints and every rank '
+                           f'reads them: ckpt.run_dir ({run_dir}) must be on a filesystem shared by all nodes')
+
 def export_weights(checkpoint, out, half: bool = False) -> Path:
     "Write just the model weights of a training checkpoint (or state dict) for inference; fp16 floats if `half`."
     ck = load_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
@@ -479,6 +507,11 @@ class _Log:
 # %% ../nbs/05_train.ipynb #c035
 def train(cfg: dict) -> dict:
     "Run (or resume) the training described by a resolved config. Returns a summary dict."
+    stop = StopRequest()                      # first: a SIGTERM during start-up is caught and ends the run cleanly
+    try: return _train(cfg, stop)
+    finally: stop.close()
+
+def _train(cfg: dict, stop: StopRequest) -> dict:
     t_start = time.time()
     T, L, C = cfg['train'], cfg['log'], cfg['ckpt']
     info = setup_distributed(T['device'])
@@ -495,8 +528,12 @@ def train(cfg: dict) -> dict:
     model = build_train_model(cfg, info)
     opt, sched = build_optimizer(model, cfg, info.world_size)
     scaler = make_scaler(T['amp'], info.device)
-    state = _resume_state(C['resume'], ckpts, info)
+    try: state = _resume_state(C['resume'], ckpts, info)
+    except (ValueError, FileNotFoundError):
+        _agree_on_start(-1, info, run_dir)                      # the other processes fail too, instead of waiting
+        raise
     start, data_state = restore_training_state(state, model, opt, sched, scaler, cfg, info) if state is not None else (0, {})
+    _agree_on_start(start, info, run_dir)
     elapsed0 = float(state.get('elapsed', 0.0)) if state is not None else 0.0
     del state
     core = model
@@ -510,22 +547,24 @@ def train(cfg: dict) -> dict:
         log.line(f"cmp_train: {cfg['model']['preset']} on {info.device} x {info.world_size} process(es), "
                  f"batch {T['batch_size']}/process, lr {base_lr(cfg, info.world_size):g}, iterations {start}->{T['iters']}, "
                  f"run dir {run_dir}")
-    stop, amp_ctx = StopRequest(), (lambda: autocast_for(T['amp'], info.device))
+    amp_ctx, sync = (lambda: autocast_for(T['amp'], info.device)), (lambda loss: stop.sync(info, loss))
     it, run_loss, n_loss, t_log, last_val = start, torch.zeros((), device=info.device), 0, time.time(), None
     global_batch = T['batch_size'] * info.world_size
-    stopped = False
+    stopped = stop.sync(info)                  # a signal during start-up: no step ran, nothing new to save
+    if stopped: log.line(f'cmp_train: signal {stop.signum} received during start-up; no step taken; exiting')
     model.train()
     try:
-        for batch in loader:
+        for batch in (() if stopped else loader):
             batch = batch_to_device(batch, info.device, T['channels_last'])
-            loss, logits = train_step(model, batch, loss_fn, opt, sched, scaler, amp_ctx())
+            lr = opt.param_groups[0]['lr']     # the lr of this step (train_step's sched.step() sets the next one)
+            loss, logits = train_step(model, batch, loss_fn, opt, sched, scaler, amp_ctx(), check=sync)
+            stopped = stop.stopping            # agreed by all processes inside train_step (the same all-reduce)
             it += 1; run_loss += loss; n_loss += 1
             if log.bar is not None: log.bar.update(1)
             last = it == T['iters']
             if it % L['every'] == 0 or last:
                 mean_loss = float(all_reduce_mean(run_loss / n_loss, info))
                 now = time.time(); rate = n_loss * global_batch / max(now - t_log, 1e-9)
-                lr = opt.param_groups[0]['lr']
                 log.scalars(it, {'loss': mean_loss, 'lr': lr, 'pairs_per_s': rate}, 'train')
                 log.line(f"it {it}/{T['iters']} loss {mean_loss:.4f} lr {lr:.5g} pairs/s {rate:.1f}")
                 if log.bar is not None: log.bar.set_postfix(loss=f'{mean_loss:.3f}', lr=f'{lr:.3g}')
@@ -540,7 +579,6 @@ def train(cfg: dict) -> dict:
                 log.scalars(it, {k: v for k, v in last_val.items() if k != 'samples'}, 'val')
                 log.line(f"val it {it}: EPE {last_val['epe']:.3f} px | zero flow {last_val['epe_zero']:.3f} | "
                          f"nearest guidance {last_val['epe_nearest']:.3f} ({last_val['samples']} held-out samples)")
-            stopped = stop.agreed(info)
             if it % C['every'] == 0 or last or stopped:
                 procs = gather_states(info, loader.state())
                 if info.is_main:
@@ -550,7 +588,7 @@ def train(cfg: dict) -> dict:
                 if info.distributed: dist.barrier()
             if stopped: break
     finally:
-        stop.close(); log.close()
+        log.close()
     wall = elapsed0 + time.time() - t_start
     summary = {'iteration': it, 'iters': T['iters'], 'run_dir': str(run_dir), 'signal': stop.signum if stopped else None,
                'val': last_val, 'wall_time_s': wall, 'world_size': info.world_size}

@@ -3,7 +3,7 @@ config errors, encoder export, and the shipped quickstart model.
 
 Everything runs on the CPU with the small model on 64x64 synthetic scenes, so the whole file takes a
 few minutes on 2 cores."""
-import json, os, random, signal, subprocess, sys, time
+import json, os, random, shutil, signal, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -92,28 +92,54 @@ def test_resolved_config_and_outputs(reference):
     assert cfg['train']['iters'] == 24 and cfg['data']['crop'] == 64 and cfg['ckpt']['run_dir'] == str(reference)
     assert cfg['model']['preset'] == 'small' and cfg['train']['deterministic'] is True
     assert sorted(_losses(reference)) == list(range(1, 25))
+    from cmp_nb.config import StepSchedule
+    o = cfg['optim']
+    sched = StepSchedule(24, o['milestones'], o['gamma'], o['warmup_iters'], o['warmup_factor'])
+    lrs = {m['iter']: m['train/lr'] for m in map(json.loads, open(reference / 'metrics.jsonl')) if 'train/lr' in m}
+    assert lrs == pytest.approx({i: o['lr'] * sched(i - 1) for i in range(1, 25)}, rel=1e-12)   # the lr step i used
+    assert lrs[1] == pytest.approx(o['lr'] * o['warmup_factor'])
     ck = sorted((reference / 'checkpoints').glob('ckpt_*.pt'))
     assert [p.name for p in ck] == ['ckpt_00000021.pt', 'ckpt_00000024.pt']        # keep = 2
 
 
+def _checkpoint_iterations(run_dir):
+    return sorted(int(p.stem.split('_')[1]) for p in (Path(run_dir) / 'checkpoints').glob('ckpt_*.pt'))
+
+
+def _resumed_from(stdout):
+    "The iteration a run says it resumed from (`cmp_train: resuming from ... (iteration N)`), or None."
+    for line in stdout.splitlines():
+        if line.startswith('cmp_train: resuming from'): return int(line.rsplit('(iteration ', 1)[1].rstrip(')'))
+    return None
+
+
 @pytest.mark.parametrize('workers', [0, 2])
 def test_sigkill_then_resume_is_exact(reference, tmp_path, workers):
-    "Kill the run at a random iteration (SIGKILL: no chance to clean up), resume, compare with the uninterrupted run."
-    k = random.Random(workers + int(time.time())).randint(2, 20)
+    """Kill the run at a random iteration after its first checkpoint (SIGKILL: no chance to clean up), resume,
+    compare with the uninterrupted run. Reproduce a failure with CMP_TEST_SEED=<seed from the message>."""
+    seed = int(os.environ.get('CMP_TEST_SEED', workers * 1000003 + time.time_ns() % 1000003))
+    every = 3                                                   # ckpt.every in TINY
+    k = random.Random(seed).randint(every + 1, 20)              # the iteration-3 checkpoint is written before step 4
+    why = f'(seed {seed}: SIGKILL after iteration {k}, data.num_workers={workers})'
+    print('test_sigkill_then_resume_is_exact', why)
     proc = _start(tmp_path, f'data.num_workers={workers}')
     try:
         _wait_for_iteration(proc, k)
+        saved = _checkpoint_iterations(tmp_path)
         proc.kill()
     finally:
         proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    assert not (tmp_path / 'model.pt').exists()
+    assert proc.returncode == -signal.SIGKILL, why
+    assert saved and saved[-1] >= every, f'no checkpoint before the kill {why}: {saved}'
+    assert not (tmp_path / 'model.pt').exists(), why
     p = _run(tmp_path, f'data.num_workers={workers}', '--resume', 'auto')
-    assert 'resuming from' in p.stdout or 'starting from iteration 0' in p.stdout
+    start = _resumed_from(p.stdout)
+    assert start is not None and start > 0 and start % every == 0 and start >= saved[-1], f'{why}\n{p.stdout[-2000:]}'
+    assert f'iterations {start}->24' in p.stdout, why
     _assert_same_weights(reference, tmp_path)
     ref = _losses(reference)
     got = _losses(tmp_path)      # iterations logged twice (after the last checkpoint, before the kill) agree too
-    assert all(got[i] == ref[i] for i in ref), 'loss curves differ'
+    assert all(got[i] == ref[i] for i in ref), f'loss curves differ {why}'
 
 
 def test_sigterm_saves_checkpoint_and_exits(reference, tmp_path):
@@ -166,6 +192,103 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     _torchrun(tmp_path / 'nosync', *short, 'train.batch_size=2', 'train.sync_bn=false')
     rel_nosync = [abs(one[i] - v) / abs(one[i]) for i, v in _losses(tmp_path / 'nosync').items()]
     assert max(rel_nosync) > 1e-3 > 10 * max(rel), (rel_nosync, rel)
+
+
+# cmp_train with a fault injected, for the tests below: CMP_TEST_FAULT=nan_on_rank1 makes rank 1's loss nan from
+# its 3rd step on; sigterm_at_startup sends SIGTERM to itself while the datasets are being built. '@RANK' in an
+# argument becomes the process's rank (a per-node run dir, as on nodes without a shared filesystem). Each
+# process writes the exception it ends with to CMP_TEST_OUT/rank<r>.err.
+FAULTY = """
+import os, signal, sys
+import cmp_nb.train as T
+fault, rank = os.environ['CMP_TEST_FAULT'], int(os.environ.get('RANK', '0'))
+if fault == 'nan_on_rank1' and rank == 1:
+    class NanLoss(T.DiscreteFlowLoss):
+        calls = 0
+        def forward(self, *a, **kw):
+            NanLoss.calls += 1
+            loss = super().forward(*a, **kw)
+            return loss * float('nan') if NanLoss.calls >= 3 else loss
+    T.DiscreteFlowLoss = NanLoss
+if fault == 'sigterm_at_startup':
+    build = T.build_datasets
+    def build_datasets(cfg):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return build(cfg)
+    T.build_datasets = build_datasets
+try: sys.exit(T.main([a.replace('@RANK', str(rank)) for a in sys.argv[1:]]))
+except Exception as e:
+    with open(os.path.join(os.environ['CMP_TEST_OUT'], f'rank{rank}.err'), 'w') as f: f.write(f'{type(e).__name__}: {e}')
+    raise
+"""
+
+
+def _descendants(pid):
+    "The pids of all living descendants of process `pid` (Linux /proc)."
+    children = {}
+    for d in Path('/proc').iterdir():
+        if not d.name.isdigit(): continue
+        try: ppid = int((d / 'stat').read_text().rsplit(')', 1)[1].split()[1])
+        except (OSError, IndexError, ValueError): continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids; todo += kids
+    return out
+
+
+def _faulty(tmp_path, fault, run_dir, *extra, nproc=2, timeout=300):
+    "Run FAULTY (under torchrun if nproc > 1); returns (returncode, stdout, stderr, {rank: error text})."
+    script = tmp_path / 'faulty_train.py'
+    script.write_text(FAULTY)
+    out = tmp_path / 'errors'; out.mkdir(exist_ok=True)
+    launch = [str(BIN / 'torchrun'), '--standalone', f'--nproc_per_node={nproc}'] if nproc > 1 else [sys.executable]
+    cmd = [*launch, str(script), '--config', str(QUICKSTART), '--run-dir', str(run_dir), *TINY, *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(_env(), CMP_TEST_FAULT=fault, CMP_TEST_OUT=str(out)))
+    try: stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *_descendants(proc.pid)]:    # torchrun starts its workers in sessions of their own
+            try: os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError: pass
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f'{fault}: still running after {timeout} s (a process hung?)\n{stdout[-2000:]}\n{stderr[-3000:]}')
+    errors = {int(p.stem[4:]): p.read_text() for p in out.glob('rank*.err')}
+    return proc.returncode, stdout, stderr, errors
+
+
+def test_nan_loss_on_one_rank_stops_every_rank(tmp_path):
+    "Rank 1 alone gets a nan loss at step 3: both processes raise the same FloatingPointError (none hangs)."
+    code, out, err, errors = _faulty(tmp_path, 'nan_on_rank1', tmp_path / 'run', 'ckpt.every=100')
+    assert code != 0, out[-2000:]
+    msg = 'FloatingPointError: training loss became non-finite on rank 1 of 2; every process stops.'
+    assert sorted(errors) == [0, 1] and all(e.startswith(msg) for e in errors.values()), (errors, err[-3000:])
+    assert errors[0] == errors[1]
+    assert sorted(_losses(tmp_path / 'run')) == [1, 2]              # steps 1-2 ran; no step with the nan loss
+    assert not (tmp_path / 'run' / 'checkpoints').exists() or not _checkpoint_iterations(tmp_path / 'run')
+
+
+def test_resume_without_shared_filesystem_fails_on_every_rank(reference, tmp_path):
+    "Rank 0 finds a checkpoint, rank 1 (another 'node', its own run dir) does not: both stop with a clear error."
+    (tmp_path / 'node0' / 'checkpoints').mkdir(parents=True)
+    shutil.copy(reference / 'checkpoints' / 'ckpt_00000021.pt', tmp_path / 'node0' / 'checkpoints')
+    code, out, err, errors = _faulty(tmp_path, 'none', tmp_path / 'node@RANK', '--resume', 'auto')
+    assert code != 0, out[-2000:]
+    assert sorted(errors) == [0, 1], err[-3000:]
+    for rank, e in errors.items():
+        assert e.startswith('RuntimeError: processes resumed from different iterations (from 0 to 21;'), e
+        assert f'this is rank {rank}, at {21 if rank == 0 else 0}' in e and 'filesystem shared by all nodes' in e, e
+    assert not (tmp_path / 'node0' / 'model.pt').exists()
+
+
+def test_sigterm_during_startup_exits_cleanly(tmp_path):
+    "A SIGTERM while the data is being set up: status 143, no step, no checkpoint, no weights."
+    code, out, err, errors = _faulty(tmp_path, 'sigterm_at_startup', tmp_path / 'run', nproc=1)
+    assert code == 128 + signal.SIGTERM, (code, out[-2000:], err[-3000:])
+    assert 'received during start-up; no step taken' in out and not errors
+    assert not _checkpoint_iterations(tmp_path / 'run') and not (tmp_path / 'run' / 'model.pt').exists()
+    assert not [l for l in out.splitlines() if l.startswith('it ')]
 
 
 def test_export_encoder_loads_into_torchvision(tmp_path):
