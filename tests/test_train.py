@@ -348,3 +348,15 @@ def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
     losses = _losses(tmp_path)
     assert sorted(losses) == [1, 2, 3] and all(0 < v < 20 for v in losses.values()), p.stdout
     assert all(v.dtype != torch.bfloat16 for v in _weights(tmp_path).values())      # weights stay float32
+
+
+@pytest.mark.slow
+def test_torch_compile_on_cpu(tmp_path):
+    "train.compile=true (TorchInductor, here generating CPU code) trains like eager: same losses up to float rounding."
+    eager = _run(tmp_path / 'eager', 'train.iters=4')
+    _run(tmp_path / 'compiled', 'train.iters=4', 'train.compile=true', timeout=900)
+    le, lc = _losses(tmp_path / 'eager'), _losses(tmp_path / 'compiled')
+    assert sorted(le) == sorted(lc) == [1, 2, 3, 4], eager.stdout
+    assert all(abs(le[i] - lc[i]) <= 1e-3 * abs(le[i]) for i in le), (le, lc)
+    wc = _weights(tmp_path / 'compiled')
+    assert not any(k.startswith('_orig_mod.') for k in wc), 'the compiled wrapper leaked into the saved weights'

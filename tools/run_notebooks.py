@@ -36,7 +36,7 @@ def run(path: Path) -> float:
     for c in nb.cells:
         if c.cell_type == 'code': c.outputs = []
     t0, cwd = time.time(), os.getcwd()
-    shell = CaptureShell(path)
+    shell = CaptureShell(path, mpl_format='jpeg')           # JPEG figures: photos and flow fields stay small
     try:
         os.chdir(path.parent)
         shell.run_all(nb, exc_stop=True, preproc=skip)
