@@ -26,10 +26,8 @@ import numpy as np
 import torch
 
 from cmp_nb.annotate import annotation_benchmark, synthetic_tasks, ANNOTATION_SEED
-from cmp_nb.model import build_model
-from cmp_nb.propagator import Propagator, load_model
+from quickstart_cpu import QUICKSTART, quickstart_propagator
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None):
@@ -42,14 +40,10 @@ def main(argv=None):
     p.add_argument('--fraction', type=float, default=0.06, help='dummy motion length / longer image side')
     p.add_argument('--threshold', type=float, default=0.5)
     p.add_argument('--no-connected', action='store_true', help='keep mask parts away from positive clicks too')
-    p.add_argument('--checkpoint', default=str(ROOT / 'data_samples' / 'quickstart.pt'))
+    p.add_argument('--checkpoint', default=str(QUICKSTART))
     p.add_argument('--json', default=None)
     a = p.parse_args(argv)
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    ck = Path(a.checkpoint)
-    model, label = (load_model(ck), f'quickstart ({ck.name})') if ck.exists() else (build_model('small'), 'UNTRAINED small (no checkpoint)')
-    prop = Propagator(model, device='cpu', max_side=a.size)
+    prop, label = quickstart_propagator(a.checkpoint, a.size)
     tasks = synthetic_tasks(a.scenes, (a.size, a.size), a.seed, per_scene=a.per_scene)
     t0 = time.perf_counter()
     res = annotation_benchmark(prop, tasks, n_clicks=5, n_directions=a.directions,

@@ -24,11 +24,9 @@ import torch
 from skimage import data as skdata
 
 from cmp_nb.flow import image_to_tensor
-from cmp_nb.model import build_model
-from cmp_nb.propagator import Propagator, load_model
+from quickstart_cpu import QUICKSTART, quickstart_propagator
 from cmp_nb.widgets import FlowCanvas
 
-ROOT = Path(__file__).resolve().parents[1]
 ARROWS = [[200, 150, 230, 140], [300, 330, 290, 360]]
 STATIC = [[40, 470], [480, 40]]
 
@@ -36,15 +34,12 @@ STATIC = [[40, 470], [480, 40]]
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--runs', type=int, default=9)
-    p.add_argument('--checkpoint', default=str(ROOT / 'data_samples' / 'quickstart.pt'))
+    p.add_argument('--checkpoint', default=str(QUICKSTART))
     p.add_argument('--max-side', type=int, default=384)
     p.add_argument('--json', default=None, help='also write the numbers here')
     a = p.parse_args(argv)
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    ck = Path(a.checkpoint)
-    model, label = (load_model(ck), f'quickstart ({ck.name})') if ck.exists() else (build_model('small'), 'UNTRAINED small (no checkpoint)')
-    prop = Propagator(model, device='cpu', max_side=a.max_side)
+    prop, label = quickstart_propagator(a.checkpoint, a.max_side)
+    model = prop.model
     img = skdata.astronaut()
     prop.set_image(img)
     sparse = prop.sparse(arrows=ARROWS, static=STATIC)
