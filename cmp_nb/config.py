@@ -69,7 +69,7 @@ DEFAULTS = {
         'val_batches': 8,         # batches of held-out data per validation
         'image_every': 1000,      # TensorBoard images every n iterations (0 = never)
         'tensorboard': True,
-        'progress': True,         # tqdm bar on rank 0
+        'progress': True,         # tqdm bar on rank 0 (on a terminal or in Jupyter)
     },
 }
 FREE_FORM = {('model', 'kwargs'), ('data', 'options')}

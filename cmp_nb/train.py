@@ -478,7 +478,7 @@ class _Log:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(run_dir / 'tb'), purge_step=start or None)
             except ImportError as e: warnings.warn(f'TensorBoard logging off ({e}); pip install tensorboard')
-        if cfg['log']['progress']:
+        if cfg['log']['progress'] and (sys.stderr.isatty() or 'ipykernel' in sys.modules):   # logs get plain lines
             from tqdm.auto import tqdm
             self.bar = tqdm(total=cfg['train']['iters'], initial=start, desc='cmp_train', unit='it', dynamic_ncols=True,
                             file=sys.stderr, mininterval=1.0)
