@@ -127,22 +127,27 @@ def resize_max_side(img: np.ndarray, max_side: int | None) -> np.ndarray:
     h, w = img.shape[:2]; s = max_side / max(h, w)
     return cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
 
-def write_video(path, frames, fps: int = 10, crf: int = 1):
-    "Encode uint8 RGB frames to `path` with PyAV: H.264 4:4:4 at constant quality `crf` (0 = lossless) when available, else MPEG-4."
+def write_video(path, frames, fps: int = 10, crf: int = 1, codec: str | None = None, pix_fmt: str | None = None,
+                bit_rate: int = 20_000_000):
+    """Encode uint8 RGB frames to `path` with PyAV (the container follows the file extension). Default: H.264 4:4:4
+    at constant quality `crf` (0 = lossless), or MPEG-4 at `bit_rate` where libx264 is missing; `codec` and
+    `pix_fmt` choose others (e.g. 'libvpx-vp9' for .webm, 'ffv1' for lossless .mkv), at `bit_rate` unless H.264."""
     import av
     frames = [np.asarray(f) for f in frames]
     if not frames: raise ValueError('write_video needs at least one frame')
     h, w = frames[0].shape[:2]
+    if codec is None: codec = 'libx264' if 'libx264' in av.codecs_available else 'mpeg4'
     with av.open(str(path), 'w') as c:
-        if 'libx264' in av.codecs_available:
-            st = c.add_stream('libx264', rate=fps); st.pix_fmt = 'yuv444p'; st.options = {'crf': str(crf)}
-        else:
-            st = c.add_stream('mpeg4', rate=fps); st.pix_fmt = 'yuv420p'; st.bit_rate = 20_000_000
+        st = c.add_stream(codec, rate=fps)
+        st.pix_fmt = pix_fmt or ('yuv444p' if codec == 'libx264' else 'yuv420p')
+        if codec == 'libx264': st.options = {'crf': str(crf)}
+        else: st.bit_rate = bit_rate
         st.width, st.height = w, h
         for f in frames:
             if f.shape != (h, w, 3) or f.dtype != np.uint8: raise ValueError(f'frames must be uint8 {(h, w, 3)}, got {f.dtype} {f.shape}')
             for pkt in st.encode(av.VideoFrame.from_ndarray(f, format='rgb24')): c.mux(pkt)
         for pkt in st.encode(): c.mux(pkt)
+    return Path(path)
 
 # %% ../nbs/04d_prepare.ipynb #a6784dd9
 def rank_from_env(env=None) -> tuple:

@@ -10,6 +10,7 @@ import cv2
 
 from .flow import load_image, warp, flow_to_color
 from .propagator import as_points
+from .prepare import write_video
 
 # %% auto #0
 __all__ = ['HOLE_MODES', 'arrows_to_paths', 'check_paths', 'splat_backward', 'render_frame', 'guided_video', 'frame_strip',
@@ -136,17 +137,11 @@ def save_gif(frames, path, fps: float = 8, loop: int = 0) -> Path:
 
 def save_mp4(frames, path, fps: float = 8, crf: int = 18) -> Path:
     "H.264 MP4 (yuv420p, plays everywhere); odd sizes are padded to even."
-    import av
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise ValueError(f'frames must be (T, H, W, 3) with T >= 1, got {frames.shape}')
     ph, pw = frames.shape[1] % 2, frames.shape[2] % 2
     if ph or pw: frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode='edge')
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), 'w') as box:
-        s = box.add_stream('libx264', rate=int(round(fps)), options={'crf': str(crf)})
-        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], 'yuv420p'
-        for f in frames:
-            for pkt in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format='rgb24')): box.mux(pkt)
-        for pkt in s.encode(): box.mux(pkt)
+    write_video(path, np.ascontiguousarray(frames, np.uint8), fps=int(round(fps)), crf=crf, codec='libx264', pix_fmt='yuv420p')
     return path

@@ -12,6 +12,7 @@ import pytest
 
 from cmp_nb.flow import load_image, read_flo, read_flow_png, epe, resize_flow
 from cmp_nb.estimate import get_estimator
+from cmp_nb.prepare import write_video
 
 CLI = Path(sys.executable).parent / 'cmp_prepare'
 pytestmark = pytest.mark.skipif(not CLI.exists(), reason=f'{CLI} not installed (pip install -e .)')
@@ -42,22 +43,6 @@ def temp_files(root):
     return [p for p in Path(root).rglob('*') if '.tmp-' in p.name]
 
 
-def write_mp4(path, frames, fps=10):
-    "High-quality H.264 (4:4:4, crf 1) with PyAV; MPEG-4 at a high bit rate if libx264 is missing."
-    import av
-    h, w = frames[0].shape[:2]
-    with av.open(str(path), 'w') as c:
-        if 'libx264' in av.codecs_available:
-            st = c.add_stream('libx264', rate=fps); st.pix_fmt = 'yuv444p'; st.options = {'crf': '1'}
-        else:
-            st = c.add_stream('mpeg4', rate=fps); st.pix_fmt = 'yuv420p'; st.bit_rate = 40_000_000
-        st.width, st.height = w, h
-        for f in frames:
-            for pkt in st.encode(av.VideoFrame.from_ndarray(f, format='rgb24')): c.mux(pkt)
-        for pkt in st.encode(): c.mux(pkt)
-    return Path(path)
-
-
 @pytest.fixture(scope='module')
 def alley(sintel):
     d = sintel / 'clean' / 'alley_1'
@@ -77,7 +62,7 @@ def frame_folder(path, frames, n=None):
 
 
 def test_mp4_pair_against_ground_truth(alley, tmp_path):
-    video = write_mp4(tmp_path / 'alley_1.mp4', alley['frames'])
+    video = write_video(tmp_path / 'alley_1.mp4', alley['frames'])
     r = run_cli(video, '--out', tmp_path / 'out', '--frame-gap', '1', '--no-progress')
     assert r.returncode == 0, r.stderr
     rows = read_rows(tmp_path / 'out' / 'manifest.jsonl')
@@ -93,6 +78,30 @@ def test_mp4_pair_against_ground_truth(alley, tmp_path):
     print(f'EPE frame 2 -> 3: DIS on the PNG frames {direct:.3f} px, through mp4 + cmp_prepare {via_video:.3f} px')
     assert via_video <= direct + 0.5
     assert 'pairs written 3' in r.stdout and not temp_files(tmp_path / 'out')
+
+
+CONTAINERS = [('alley.avi', 'mpeg4', None), ('alley.webm', 'libvpx-vp9', None), ('alley.mov', 'libx264', None),
+              ('alley.mkv', 'ffv1', 'yuv444p')]
+
+
+def test_other_containers_and_codecs(alley, tmp_path):
+    "avi (MPEG-4), webm (VP9), mov (H.264) and mkv (FFV1, lossless) in one run: every one decodes into 3 good pairs."
+    import av
+    inp = tmp_path / 'in'; inp.mkdir()
+    made = [write_video(inp / name, alley['frames'], codec=codec, pix_fmt=fmt, bit_rate=40_000_000)
+            for name, codec, fmt in CONTAINERS if codec in av.codecs_available]
+    assert len(made) >= 3, f'PyAV here encodes only {[p.name for p in made]}'
+    r = run_cli(inp, '--out', tmp_path / 'out', '--frame-gap', '1', '--no-progress', '--workers', '2')
+    assert r.returncode == 0 and 'failed files 0' in r.stdout, r.stdout
+    rows = read_rows(tmp_path / 'out' / 'manifest.jsonl')
+    direct = epe(get_estimator('dis')(alley['frames'][1], alley['frames'][2]), alley['gt'], alley['valid'])
+    for video in made:
+        mine = sorted((x for x in rows if x['source'] == str(video)), key=lambda x: x['frame1'])
+        assert [(x['frame1'], x['frame2']) for x in mine] == [(0, 1), (1, 2), (2, 3)], (video.name, mine)
+        flow, _ = read_flow_png(tmp_path / 'out' / mine[1]['flow'])
+        e = epe(flow, alley['gt'], alley['valid'])
+        print(f'{video.name}: EPE frame 2 -> 3 {e:.3f} px (DIS on the PNG frames {direct:.3f} px)')
+        assert e <= direct + 0.5, video.name
 
 
 def test_resume_after_kill(alley, tmp_path):
@@ -137,7 +146,7 @@ def test_resume_after_kill(alley, tmp_path):
 def test_corrupt_video_is_counted_not_fatal(alley, tmp_path):
     d = tmp_path / 'videos'; d.mkdir()
     small = [f[::4, ::4].copy() for f in alley['frames']]
-    good = write_mp4(d / 'good.mp4', small)
+    good = write_video(d / 'good.mp4', small)
     (d / 'broken.mp4').write_bytes(os.urandom(20000))
     (d / 'truncated.mov').write_bytes(good.read_bytes()[:len(good.read_bytes()) // 3])
     (d / 'readme.txt').write_text('not a video')
@@ -176,7 +185,7 @@ def test_rank_sharding(alley, sintel, tmp_path):
     inp = tmp_path / 'in'
     frame_folder(inp / 'clean', alley['frames'])
     frame_folder(inp / 'final', final)
-    write_mp4(inp / 'alley.mp4', alley['frames'])
+    write_video(inp / 'alley.mp4', alley['frames'])
     common = [inp, '--frame-gap', '1', '--no-progress']
     ranks = []
     for rank in (0, 1):
@@ -212,7 +221,7 @@ def test_out_inside_input_is_not_a_source(alley, tmp_path):
     for name in ('single', 'ranked'):
         inp = inputs[name] = tmp_path / name
         frame_folder(inp / 'seq', small)
-        write_mp4(inp / 'clip.mp4', small)
+        write_video(inp / 'clip.mp4', small)
     inp, out = inputs['single'], inputs['single'] / 'pairs'
     args = [inp, '--out', out, '--frame-gap', '1', '--no-progress']
     first = run_cli(*args)
@@ -246,7 +255,7 @@ def test_out_inside_input_is_not_a_source(alley, tmp_path):
 
 def test_dangling_symlink_is_counted_not_fatal(alley, tmp_path):
     d = tmp_path / 'videos'; d.mkdir()
-    write_mp4(d / 'good.mp4', [f[::4, ::4].copy() for f in alley['frames']])
+    write_video(d / 'good.mp4', [f[::4, ::4].copy() for f in alley['frames']])
     (d / 'gone.mp4').symlink_to(tmp_path / 'deleted.mp4')      # dangling
     (d / 'loop.mp4').symlink_to(d / 'loop.mp4')                # points at itself
     for extra, code in [((), 0), (('--workers', '2', '--strict'), 1)]:
