@@ -390,10 +390,6 @@ class StopRequest:
         self.stopping = stop_any > 0
         return self.stopping
 
-    def agreed(self, info: DistInfo) -> bool:
-        "True if any process was asked to stop (`sync` without a loss)."
-        return self.sync(info)
-
     def close(self):
         for s, h in self._old.items(): signal.signal(s, h)
         self._old = {}

@@ -143,5 +143,4 @@ def save_mp4(frames, path, fps: float = 8, crf: int = 18) -> Path:
     ph, pw = frames.shape[1] % 2, frames.shape[2] % 2
     if ph or pw: frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode='edge')
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    write_video(path, np.ascontiguousarray(frames, np.uint8), fps=int(round(fps)), crf=crf, codec='libx264', pix_fmt='yuv420p')
-    return path
+    return write_video(path, frames, fps=int(round(fps)), crf=crf, codec='libx264', pix_fmt='yuv420p')   # checks uint8
