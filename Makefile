@@ -21,6 +21,8 @@ $(STAMP): settings.ini setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
+	@# one OpenCV wheel only: the contrib build (EPIC, fast global smoother) replaces the plain one
+	$(PY) -m pip uninstall -y -q opencv-python-headless opencv-python opencv-contrib-python 2>/dev/null || true
 	$(PY) -m pip install -q -e ".[dev]" $(TORCH_PINS)
 	@touch $(STAMP)
 

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .flow import IMAGE_MEAN, load_image, image_to_tensor, read_flow, read_flow_png, write_flow_png, resize_flow, flip_flow_lr
-from .guidance import sample_guidance
+from .guidance import sample_guidance, sample_interactive
 
 # %% ../nbs/04c_dataset.ipynb #c005
 PATH_FIELDS = ('image', 'flow', 'next_image', 'instances', 'parts', 'occlusion')
@@ -68,20 +68,22 @@ def _resize_pair(img, flow, valid, size):
 class PairTransform:
     "Resize / crop / flip / jitter an (image, flow, valid) pair and sample guidance: returns the sample dict."
     def __init__(self, crop=384, short_side=416, train=True, flip=0.5, color_jitter=0.0, small='upscale',
-                 nms_ks=81, grid_stride=200, max_points=None):
+                 nms_ks=81, grid_stride=200, max_points=None, interactive=0.0):
         if small not in ('upscale', 'pad'): raise ValueError(f"small must be 'upscale' or 'pad', got {small!r}")
         if short_side is not None and int(short_side) < 1: raise ValueError(f'short_side must be positive, got {short_side}')
         if not 0 <= flip <= 1: raise ValueError(f'flip is a probability in [0, 1], got {flip}')
+        if not 0 <= interactive <= 1: raise ValueError(f'interactive is a probability in [0, 1], got {interactive}')
         if color_jitter is None: color_jitter = 0.0
         jit = (color_jitter,) * 3 if np.isscalar(color_jitter) else tuple(color_jitter)
         if len(jit) != 3 or not all(0 <= j < 1 for j in jit):
             raise ValueError(f'color_jitter must be a number or (brightness, contrast, saturation), each in [0, 1), got {color_jitter}')
         self.crop, self.short_side, self.train, self.flip, self.jitter, self.small = _as_hw(crop), short_side, train, flip, jit, small
-        self.nms_ks, self.grid_stride, self.max_points = nms_ks, grid_stride, max_points
+        self.nms_ks, self.grid_stride, self.max_points, self.interactive = nms_ks, grid_stride, max_points, interactive
 
     def __repr__(self):
         return (f'PairTransform(crop={self.crop}, short_side={self.short_side}, train={self.train}, flip={self.flip}, '
-                f'color_jitter={self.jitter}, small={self.small!r}, nms_ks={self.nms_ks}, grid_stride={self.grid_stride})')
+                f'color_jitter={self.jitter}, small={self.small!r}, nms_ks={self.nms_ks}, grid_stride={self.grid_stride}'
+                + (f', interactive={self.interactive}' if self.interactive else '') + ')')
 
     def geometry(self, img, flow, valid, rng):
         "Resize, fit, crop and flip (numpy in, numpy out)."
@@ -129,8 +131,10 @@ class PairTransform:
         img = self.photometric(img, rng)
         ft = torch.from_numpy(flow.transpose(2, 0, 1).copy())
         vt = torch.from_numpy(valid.astype(np.float32))
-        _, sparse = sample_guidance(flow, nms_ks=self.nms_ks, grid_stride=self.grid_stride, max_points=self.max_points,
-                                    seed=int(rng.integers(1 << 31)))
+        gseed = int(rng.integers(1 << 31))
+        if self.interactive and rng.random() < self.interactive: _, sparse = sample_interactive(flow, seed=gseed)
+        else: _, sparse = sample_guidance(flow, nms_ks=self.nms_ks, grid_stride=self.grid_stride,
+                                          max_points=self.max_points, seed=gseed)
         sparse = sparse * vt  # no guidance where the flow is unknown
         return dict(image=image_to_tensor(img)[0], sparse=sparse.float(), flow=ft, valid=vt, index=int(index))
 

@@ -16,7 +16,7 @@ from .propagator import Propagator, load_model, show_prediction, as_points
 from .flow import flow_to_color
 
 # %% auto #0
-__all__ = ['REPO', 'QUICKSTART_CONFIG', 'QUICKSTART_MODEL', 'arrow_sets', 'save_pictures', 'main']
+__all__ = ['REPO', 'QUICKSTART_CONFIG', 'QUICKSTART_MODEL', 'PHOTO_DRAGS', 'arrow_sets', 'save_pictures', 'drag_photo', 'main']
 
 # %% ../nbs/09_demo.ipynb #c006
 REPO = Path(__file__).resolve().parents[1] if '__file__' in globals() else Path('..').resolve()
@@ -71,6 +71,27 @@ def save_pictures(model, scene_seeds, out_dir, prefix: str, size: int = 192, nms
             p = out_dir / f'{prefix}_{k}_{name}.png'
             fig.savefig(p, dpi=80); plt.close(fig); paths.append(p)
     return paths
+
+# %% ../nbs/09_demo.ipynb #c0ee2776
+PHOTO_DRAGS = {   # picture: (arrow (x0, y0, x1, y1), static clicks (x, y), what the arrow is on)
+    'astronaut': ((420, 440, 446, 440), [(150, 360), (60, 60), (470, 120)], "the helmet, dragged right"),
+    'chelsea': ((186, 160, 186, 140), [(420, 40), (60, 280)], "the cat's eye, dragged up"),
+    'coffee': ((300, 130, 326, 130), [(40, 40), (560, 360), (90, 340)], "the cup, dragged right"),
+    'rocket': ((322, 260, 322, 235), [(60, 250), (585, 250), (200, 60)], "the rocket, dragged up"),
+}
+
+def drag_photo(prop, name: str, fig=None):
+    "(image, points (x,y,u,v), flow, figure) for the drag `PHOTO_DRAGS[name]` through a `Propagator`."
+    import skimage.data
+    if name not in PHOTO_DRAGS: raise ValueError(f'unknown photo {name!r}; photos: {", ".join(PHOTO_DRAGS)}')
+    arrow, static, what = PHOTO_DRAGS[name]
+    image = getattr(skimage.data, name)()
+    pts = as_points(arrows=[arrow], static=static)
+    flow = prop.set_image(image).predict(points=pts)
+    mag = np.hypot(*np.subtract(arrow[2:], arrow[:2]))
+    fig = show_prediction(image, pts, flow, title=f'{name}: {what}', max_mag=float(mag), fig=fig)
+    return image, pts, flow, fig
+
 
 # %% ../nbs/09_demo.ipynb #c015
 def _table(rows: dict) -> str:

@@ -13,8 +13,8 @@ from .flow import check_flow, _flow_numpy, _to_torch
 
 # %% auto #0
 __all__ = ['sobel_magnitude', 'edge_threshold', 'flow_edges', 'edge_distance2', 'nms_peaks', 'drop_close_points', 'grid_points',
-           'subsample_factor', 'sample_guidance', 'sample_guidance_batch', 'points_to_sparse', 'arrows_to_sparse',
-           'sparse_to_points']
+           'subsample_factor', 'sample_guidance', 'sample_interactive', 'sample_guidance_batch', 'points_to_sparse',
+           'arrows_to_sparse', 'sparse_to_points']
 
 # %% ../nbs/01_guidance.ipynb #7d706b22
 def sobel_magnitude(flow: np.ndarray) -> np.ndarray:
@@ -160,6 +160,37 @@ def sample_guidance(flow, nms_ks: int = 81, grid_stride: int | None = 200, max_p
     sparse[2:, points[:, 1], points[:, 0]] = 1
     sparse = torch.from_numpy(sparse)
     return points, (sparse.to(flow.device) if torch.is_tensor(flow) else sparse)
+
+# %% ../nbs/01_guidance.ipynb #6046f19c
+def _pick_deep(weights: np.ndarray, k: int, rng) -> np.ndarray:
+    "Up to `k` distinct flat pixel ids drawn with probability proportional to `weights` (>= 0)."
+    w = weights.ravel()
+    n = int(np.count_nonzero(w))
+    if k <= 0 or n == 0: return np.zeros(0, np.int64)
+    return rng.choice(w.size, size=min(k, n), replace=False, p=w / w.sum())
+
+def sample_interactive(flow, n_arrows=(1, 3), n_static=(0, 4), static_below: float = 0.5, seed=None):
+    "Guidance as a person gives it -> (points `(N,2)` int64 (x, y), sparse `(4,H,W)`): arrows deep inside moving parts, static points."
+    f = _flow_numpy(flow)
+    rng = np.random.default_rng(_resolve_seed(seed))
+    for name, (lo, hi) in (('n_arrows', n_arrows), ('n_static', n_static)):
+        if not 0 <= lo <= hi: raise ValueError(f'{name} must be (min, max) with 0 <= min <= max, got {(lo, hi)}')
+    H, W = f.shape[:2]
+    d2 = edge_distance2(flow_edges(f)).astype(np.float64)
+    if not np.isfinite(d2).all(): d2 = np.ones((H, W))          # no boundary at all: every pixel is as deep
+    d2[[0, -1], :] = 0; d2[:, [0, -1]] = 0                       # off the outermost rows/columns, as the sampler
+    moving = np.hypot(f[..., 0], f[..., 1]) >= static_below
+    arrows = _pick_deep(d2 * moving, int(rng.integers(n_arrows[0], n_arrows[1] + 1)), rng)
+    static = _pick_deep(d2 * ~moving, int(rng.integers(n_static[0], n_static[1] + 1)), rng)
+    ids = np.concatenate([arrows, static])
+    points = np.stack([ids % W, ids // W], 1).astype(np.int64)
+    sparse = np.zeros((4, H, W), np.float32)
+    sparse[:2, points[:, 1], points[:, 0]] = f[points[:, 1], points[:, 0]].T
+    sparse[:2, :, :].reshape(2, -1)[:, static] = 0                # static means zero, whatever |flow| < static_below held
+    sparse[2:, points[:, 1], points[:, 0]] = 1
+    sparse = torch.from_numpy(sparse)
+    return points, (sparse.to(flow.device) if torch.is_tensor(flow) else sparse)
+
 
 # %% ../nbs/01_guidance.ipynb #bd984c47
 def _sobel_mag_t(f: torch.Tensor) -> torch.Tensor:
