@@ -12,7 +12,7 @@ import torch
 
 # %% auto #0
 __all__ = ['REQUIRED_KEYS', 'atomic_save', 'rng_state', 'set_rng_state', 'seed_everything', 'sample_seed',
-           'ResumableBatchSampler', 'seeded', 'SeededSamples', 'load_checkpoint', 'Checkpoints']
+           'ResumableBatchSampler', 'seeded', 'SeededSamples', 'load_torch_file', 'load_checkpoint', 'Checkpoints']
 
 # %% ../nbs/05b_checkpoint.ipynb #c005
 def _fsync_dir(path: Path):
@@ -124,12 +124,18 @@ class SeededSamples(torch.utils.data.Dataset):
 REQUIRED_KEYS = ('model', 'iteration')
 _NAME = re.compile(r'^ckpt_(\d+)\.pt$')
 
+def load_torch_file(path, map_location='cpu', what: str = 'checkpoint'):
+    "`torch.load(path, weights_only=True)`; FileNotFoundError or ValueError naming the file if it is missing, empty or corrupt."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f'{what} not found: {path}')
+    if path.stat().st_size == 0: raise ValueError(f'{what} {path} is empty (0 bytes); was its download or copy interrupted?')
+    try: return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e: raise ValueError(f'{what} {path} is corrupt or unreadable: {type(e).__name__}: {e}') from e
+
 def load_checkpoint(path, map_location='cpu') -> dict:
     "Load and sanity-check a training checkpoint; ValueError naming the file if it is not one."
     path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f'checkpoint not found: {path}')
-    try: ck = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e: raise ValueError(f'checkpoint {path} is corrupt or unreadable: {type(e).__name__}: {e}') from e
+    ck = load_torch_file(path, map_location)
     if not isinstance(ck, dict) or any(k not in ck for k in REQUIRED_KEYS):
         raise ValueError(f'checkpoint {path} lacks the keys {REQUIRED_KEYS}; is it a cmp_train checkpoint?')
     return ck

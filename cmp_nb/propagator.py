@@ -14,8 +14,8 @@ from .guidance import points_to_sparse
 from .losses import logits_to_flow, logits_to_flow_argmax
 
 # %% auto #0
-__all__ = ['default_device', 'as_points', 'model_size', 'Propagator', 'draw_guidance', 'show_prediction', 'load_model',
-           'load_propagator']
+__all__ = ['DEFAULT_MAX_SIDE', 'default_device', 'as_points', 'model_size', 'Propagator', 'draw_guidance', 'show_prediction',
+           'load_model', 'load_propagator']
 
 # %% ../nbs/03a_propagator.ipynb #da5048bc
 def default_device() -> torch.device:
@@ -54,13 +54,17 @@ def model_size(h: int, w: int, max_side: int = 384, multiple: int = 32) -> tuple
     return r(h), r(w)
 
 # %% ../nbs/03a_propagator.ipynb #60a38279
+DEFAULT_MAX_SIDE = 384   # the paper's training crop: the scale for a model whose own is not recorded
+
 class Propagator:
     "Encode an image once; predict dense flow (in the image's own pixels) for any guidance."
-    def __init__(self, model: torch.nn.Module, device=None, max_side: int = 384, decode: str = 'softmax'):
+    def __init__(self, model: torch.nn.Module, device=None, max_side: int | None = None, decode: str = 'softmax'):
         if decode not in ('softmax', 'argmax'): raise ValueError(f"decode must be 'softmax' or 'argmax', got {decode!r}")
+        if max_side is None: max_side = getattr(getattr(model, 'record', None), 'train_crop', None) or DEFAULT_MAX_SIDE
+        if int(max_side) != max_side or max_side < 1: raise ValueError(f'max_side must be a positive integer, got {max_side!r}')
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
-        self.max_side, self.decode = max_side, decode
+        self.max_side, self.decode = int(max_side), decode
         self.multiple = int(getattr(model, 'input_multiple', 32))
         self.nbins, self.fmax = int(model.nbins), float(model.fmax)
         self.image = self.features = None
@@ -144,18 +148,23 @@ def show_prediction(image, points, flow, title: str = '', max_mag=None, fig=None
     return fig
 
 # %% ../nbs/03a_propagator.ipynb #81896255
-def load_model(path, device='cpu') -> torch.nn.Module:
-    "A CMP model from a cmp_nb checkpoint (`{'preset', 'model', ...}`) or an authors' released checkpoint."
+def load_model(weights=None, device='cpu', file=None) -> torch.nn.Module:
+    "A CMP model, with `model.record`, from a registry name (None: the default), a path or 'hf://repo/path'."
     from cmp_nb.model import build_model, load_official_checkpoint
-    path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f'checkpoint not found: {path}')
-    ck = torch.load(path, map_location=device, weights_only=True)
+    from cmp_nb.checkpoint import load_torch_file
+    from cmp_nb.weights import weights_file, make_record
+    path, entry = weights_file(weights, file=file)
+    ck = load_torch_file(path, what='model file')
     if isinstance(ck, dict) and 'preset' in ck and 'model' in ck:
         model = build_model(ck['preset'], **ck.get('model_kwargs', {}))
         model.load_state_dict(ck['model'])
-        return model
-    return load_official_checkpoint(path)
+    else: model = load_official_checkpoint(path)
+    if entry is not None and model.preset != entry.preset:
+        raise ValueError(f'{path} holds a {model.preset!r} model, but weights {entry.name!r} are {entry.preset!r}: wrong file?')
+    hf = isinstance(weights, str) and weights.startswith('hf://')
+    model.record = make_record(weights if hf else path, model, ck, entry)
+    return model.to(device)
 
-def load_propagator(path, device=None, **kwargs) -> Propagator:
-    "A `Propagator` around the model stored at `path`."
-    return Propagator(load_model(path), device=device, **kwargs)
+def load_propagator(weights=None, device=None, file=None, **kwargs) -> Propagator:
+    "A `Propagator` around `load_model(weights, file=file)`; it runs at the model's training scale unless `max_side=` is given."
+    return Propagator(load_model(weights, file=file), device=device, **kwargs)

@@ -435,6 +435,6 @@ def show(self, title: str = ''):
 # %% ../nbs/06_widgets.ipynb #fcaff53b
 @patch_to(FlowCanvas)
 @classmethod
-def from_checkpoint(cls, path, image, device=None, max_side: int = 384, **kwargs):
-    "A canvas around the model stored at `path` (cmp_nb or official checkpoint)."
+def from_checkpoint(cls, path, image, device=None, max_side: int | None = None, **kwargs):
+    "A canvas around `load_propagator(path)`: a weights name, a path or 'hf://...'; `max_side` None = the training scale."
     return cls(load_propagator(path, device=device, max_side=max_side), image, **kwargs)
