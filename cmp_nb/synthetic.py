@@ -291,7 +291,7 @@ def make_clip(seed, size=(256, 256), n_frames=2, degrade=False, **scene_kw):
                 parts=part_of[owners], occlusion=occ, seed=int(seed), size=size)
 
 # The FlyingChairs-like recipe (objects over photographs, large affine motions, often a still camera, camera faults):
-CHAIRS = dict(object_area=(0.05, 0.4), max_shift=40.0, static_camera=0.4, degrade=True)
+CHAIRS = dict(object_area=(0.05, 0.4), max_shift=24.0, static_camera=0.4, degrade=True)
 
 
 # %% ../nbs/04b_synthetic.ipynb #c031

@@ -7,6 +7,8 @@ import json, os, random, shutil, signal, subprocess, sys, time
 from pathlib import Path
 
 import pytest
+
+from cmp_nb.demo import PHOTO_DRAGS
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -333,12 +335,13 @@ def test_cmp_demo_short_run(tmp_path):
                         'data.num_workers=0', 'log.progress=false'],
                        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=400)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    assert 'nearest guidance' in p.stdout and 'short run (3 iterations)' in p.stdout and 'shipped quickstart.pt' in p.stdout
+    assert 'nearest guidance' in p.stdout and 'short run (3 iterations)' in p.stdout and 'shipped default (' in p.stdout
     summary = json.loads((out / 'summary.json').read_text())
     assert len(summary['results']) == 2
     assert all({'epe', 'epe_zero', 'epe_nearest'} <= set(r) for r in summary['results'].values())
     pngs = sorted(out.glob('*.png'))
-    assert len(pngs) == 8 and all(q.stat().st_size > 1000 for q in pngs)
+    assert len(pngs) == 12 and all(q.stat().st_size > 1000 for q in pngs)       # 2 models x 4 arrow sets + 4 photos
+    assert sorted(q.name for q in pngs if 'photo' in q.name) == [f'shipped_photo_{n}.png' for n in sorted(PHOTO_DRAGS)]
     assert (out / 'run' / 'model.pt').exists()
 
 

@@ -1,0 +1,65 @@
+"""The default model's ablation: what the data recipe, the interactive-style guidance and the budget each bring.
+
+    .venv/bin/python benchmarks/bench_ablation.py [--train] [--scenes 24] [--json out.json] [--markdown out.md]
+
+Variants (all the small CPU encoder, batch 8, 192 px crops, SGD lr 0.05 with warmup, on this 2-core CPU):
+  quickstart            the shipped quickstart model: plain decoder, classic scenes, the paper's sampler only
+  chairs-sampler-600    plain decoder, CHAIRS scenes, the paper's sampler only (data.options.interactive=0), 600 its
+  chairs-mixed-600      plain decoder, CHAIRS scenes, half interactive-style guidance, 600 iterations
+  default               the shipped default model: as chairs-mixed, 4000 iterations (configs/base.yaml)
+--train runs the two 600-iteration variants into runs/ablation/ first (about 8 minutes each; a variant whose
+run dir already holds model.pt is not trained again). Figures (a), (b), (d), (e) as in bench_shipped.py, on
+the same held-out scenes (Sintel is left to bench_shipped.py). Training times come from each run's summary.json.
+"""
+import argparse, json, subprocess, sys, time
+from pathlib import Path
+
+import torch
+
+from cmp_nb.baselines import (drag_iou, guided_epe, magnitude_error, measure_scenes, propagator_method, static_cut,
+                              figures_table, MEASURE_SEED)
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAIRS_OPTS = '{scene_kw: {object_area: [0.05, 0.4], max_shift: 40.0, static_camera: 0.4, degrade: true}, interactive: %s}'
+RUNS = {'chairs-sampler-600': ['train.iters=600', 'data.options=' + CHAIRS_OPTS % 0],
+        'chairs-mixed-600': ['train.iters=600', 'data.options=' + CHAIRS_OPTS % 0.5]}
+SHIPPED = {'quickstart': ('data_samples/quickstart.pt', 'data_samples/quickstart_run/summary.json'),
+           'default': ('data_samples/default.pt', 'data_samples/default_run/summary.json')}
+
+
+def main(argv=None) -> int:
+    from cmp_nb.propagator import load_propagator
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--train', action='store_true', help='train the 600-iteration variants first')
+    p.add_argument('--scenes', type=int, default=24)
+    p.add_argument('--json'); p.add_argument('--markdown')
+    a = p.parse_args(argv)
+    files = {k: (ROOT / f, ROOT / s) for k, (f, s) in SHIPPED.items()}
+    for name, overrides in RUNS.items():
+        run = ROOT / 'runs' / 'ablation' / name
+        if a.train and not (run / 'model.pt').exists():
+            cmd = [sys.executable, '-m', 'cmp_nb.train', '--config', str(ROOT / 'configs' / 'base.yaml'), *overrides,
+                   f'ckpt.run_dir={run}', 'log.progress=false', 'log.val_every=0', 'log.image_every=0']
+            print('training', name, flush=True); subprocess.run(cmd, check=True)
+        files[name] = (run / 'model.pt', run / 'summary.json')
+    torch.set_num_threads(2)
+    drag, moving = measure_scenes(a.scenes), measure_scenes(a.scenes, seed=MEASURE_SEED + 50_000, still=False)
+    rows, t0 = {}, time.time()
+    for name, (ck, summ) in files.items():
+        if not ck.exists(): print(f'{name}: {ck} missing, skipped (run with --train)', file=sys.stderr); continue
+        m = propagator_method(load_propagator(str(ck), device='cpu'))
+        s = json.loads(summ.read_text()) if summ.exists() else {}
+        rows[name] = {'iterations': s.get('iteration', float('nan')), 'train_min': s.get('wall_time_s', float('nan')) / 60,
+                      'drag_iou': drag_iou(m, drag), 'guided_epe': guided_epe(m, moving),
+                      **{f'mag_err_{L}px': v for L, v in magnitude_error(m, drag, (5, 20, 40)).items()},
+                      'static_cut': static_cut(m, drag)}
+        print(name, {k: round(v, 3) for k, v in rows[name].items()}, flush=True)
+    table = figures_table(rows)
+    print(table, f'\n({time.time() - t0:.0f} s, {a.scenes} scenes per set)')
+    if a.json: Path(a.json).write_text(json.dumps(rows, indent=1))
+    if a.markdown: Path(a.markdown).write_text(table)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
