@@ -4,18 +4,24 @@
 
 # %% ../nbs/08_annotate.ipynb #a9079fae
 from __future__ import annotations
+import time
 from pathlib import Path
+import cv2
 import numpy as np
 from scipy import ndimage
 from PIL import Image
 
 from .flow import load_image
 from .propagator import as_points
+from .baselines import deepest_point
 from .widgets import FlowCanvas, split_edits, resize_image, _plural
 
 # %% auto #0
-__all__ = ['ANNOTATION_SEED', 'directions', 'click_guidance', 'fuse_flows', 'keep_clicked', 'default_magnitude', 'click_mask',
-           'iou', 'next_click', 'simulate_clicks', 'synthetic_tasks', 'annotation_benchmark', 'save_mask', 'load_mask',
+__all__ = ['DUMMY_PX', 'CLICK_RULES', 'MAX_CLICKS', 'ANNOTATION_SEED', 'PHOTO_SEED', 'directions', 'click_guidance', 'fuse_flows',
+           'keep_clicked', 'negative_cut', 'default_magnitude', 'click_mask', 'iou', 'standard_click',
+           'largest_region_click', 'CMPClicks', 'random_walker_mask', 'grabcut_mask', 'ImageClicks', 'baselines',
+           'simulate_clicks', 'click_metrics', 'synthetic_tasks', 'photo_tasks', 'test_sets', 'annotation_benchmark',
+           'results_table', 'save_mask', 'load_mask', 'mask_to_rle', 'rle_to_mask', 'coco_export', 'coco_load',
            'overlay_mask', 'AnnotationCanvas']
 
 # %% ../nbs/08_annotate.ipynb #cccb9fbe
@@ -38,13 +44,18 @@ def click_guidance(positive, negative=None, n_directions: int = 8, magnitude: fl
             for d in directions(n_directions)]
 
 # %% ../nbs/08_annotate.ipynb #82b7e590
-def fuse_flows(flows, dirs, magnitude: float, threshold: float = 0.5) -> np.ndarray:
-    "Votes (H,W) in [0,1]: fraction of directions whose flow (K,H,W,2) follows magnitude*dirs[k] by > threshold."
+def fuse_flows(flows, dirs, reference, soft: bool = True, threshold: float = 0.5) -> np.ndarray:
+    """Object score (H,W) in [0,1] from flows (K,H,W,2) predicted for dummy motions along dirs (K,2).
+    `reference` (K,) is the motion along dirs[k] that counts as 'moved fully' (the motion predicted at the positive
+    clicks, or the dummy magnitude). soft: mean over directions of the share of it each pixel took along, clipped to
+    [0, 1]; otherwise the fraction of directions where that share exceeds `threshold` (a hard vote)."""
     flows, dirs = np.asarray(flows, np.float32), np.asarray(dirs, np.float32)
     if flows.ndim != 4 or flows.shape[-1] != 2 or len(flows) != len(dirs):
         raise ValueError(f'flows must be (K,H,W,2) with K = len(dirs) = {len(dirs)}, got {flows.shape}')
-    follow = np.einsum('khwc,kc->khw', flows, dirs) / magnitude
-    return (follow > threshold).mean(0)
+    ref = np.broadcast_to(np.asarray(reference, np.float32), (len(dirs),))
+    if not (ref > 0).all(): raise ValueError(f'reference motions must be > 0, got {ref.tolist()}')
+    follow = np.einsum('khwc,kc->khw', flows, dirs) / ref[:, None, None]
+    return np.clip(follow, 0, 1).mean(0) if soft else (follow > threshold).mean(0)
 
 def keep_clicked(mask, positive) -> np.ndarray:
     "The connected parts of `mask` that contain a positive click (the whole mask if none does)."
@@ -53,24 +64,54 @@ def keep_clicked(mask, positive) -> np.ndarray:
     ids = {int(lab[min(max(int(round(y)), 0), H - 1), min(max(int(round(x)), 0), W - 1)]) for x, y in positive} - {0}
     return np.isin(lab, list(ids)) if ids else mask
 
+def _at(a, xy):
+    "Values of a (K,H,W,...) array at integer click positions xy (N,2) -> (N,K,...)."
+    H, W = a.shape[1:3]
+    x = np.clip(np.round(xy[:, 0]).astype(int), 0, W - 1); y = np.clip(np.round(xy[:, 1]).astype(int), 0, H - 1)
+    return np.moveaxis(a[:, y, x], 1, 0)
+
+def negative_cut(flows, positive, negative) -> np.ndarray:
+    """bool (H,W): pixels whose predicted motions (over all K directions) are nearer those at a negative click than
+    those at every positive click. A static point the model obeys makes this the pixels that stayed with it."""
+    pos, neg = _clicks(positive), _clicks(negative)
+    if len(neg) == 0: return np.zeros(flows.shape[1:3], bool)
+    f = np.moveaxis(np.asarray(flows, np.float32), 0, 2).reshape(*flows.shape[1:3], -1)   # (H,W,2K)
+    d = lambda c: np.linalg.norm(f[:, :, None] - _at(flows, c).reshape(len(c), -1)[None, None], axis=-1).min(-1)
+    return d(neg) < d(pos)
+
 # %% ../nbs/08_annotate.ipynb #24e7cb15
-def default_magnitude(image_shape, fraction: float = 0.06) -> float:
-    "Dummy motion length in image pixels: `fraction` of the longer image side."
-    return float(fraction * max(image_shape[:2]))
+DUMMY_PX = 8.0      # dummy motion at the model's input scale, px: inside what the models were trained on
+
+def default_magnitude(prop, model_px: float = DUMMY_PX) -> float:
+    "Dummy motion length in image pixels: `model_px` at the scale the Propagator runs the model at (set_image first)."
+    if getattr(prop, 'image', None) is None: raise RuntimeError('call prop.set_image(image) before default_magnitude')
+    H, W = prop.image.shape[:2]
+    in_size = getattr(prop, 'in_size', (H, W))
+    return float(model_px * max(H, W) / max(in_size))
 
 def click_mask(prop, positive, negative=None, n_directions: int = 8, magnitude: float | None = None,
-               threshold: float = 0.5, vote: float = 0.5, connected: bool = True, return_votes: bool = False):
-    "Object mask (H,W) bool from clicks on the Propagator's current image (set_image first)."
+               soft: bool = True, relative: bool = True, threshold: float = 0.5, cut: bool = True,
+               connected: bool = True, return_scores: bool = False):
+    """Object mask (H,W) bool from clicks on the Propagator's current image (set_image first).
+    relative: a pixel 'moved fully' when it moved as much as the positive clicks themselves are predicted to move (not
+    the dummy magnitude); soft: `fuse_flows`' soft score; cut: drop pixels that move like a negative click (`negative_cut`);
+    connected: keep the mask parts that hold a positive click."""
     if getattr(prop, 'image', None) is None: raise RuntimeError('call prop.set_image(image) before click_mask')
-    m = default_magnitude(prop.image.shape) if magnitude is None else float(magnitude)
+    m = default_magnitude(prop) if magnitude is None else float(magnitude)
     sets, dirs = click_guidance(positive, negative, n_directions, m), directions(n_directions)
     H, W = prop.image.shape[:2]
     batch = max(1, min(len(sets), 2 ** 25 // (H * W)))      # caps memory for huge photos; one batch normally
-    votes = sum(len(sets[i:i + batch]) * fuse_flows(prop.predict_many(sets[i:i + batch]), dirs[i:i + batch], m, threshold)
-                for i in range(0, len(sets), batch)) / len(sets)
-    mask = votes >= vote
-    if connected: mask = keep_clicked(mask, _clicks(positive))
-    return (mask, votes) if return_votes else mask
+    flows = np.concatenate([prop.predict_many(sets[i:i + batch]) for i in range(0, len(sets), batch)])
+    pos = _clicks(positive)
+    ref = np.full(len(dirs), m, np.float32)
+    if relative:                                            # what the clicked pixels themselves are predicted to do
+        at = np.einsum('nkc,kc->k', _at(flows, pos), dirs) / len(pos)
+        ref = np.maximum(at, 0.1 * m)
+    scores = fuse_flows(flows, dirs, ref, soft=soft, threshold=threshold)
+    mask = scores >= 0.5
+    if cut and negative is not None: mask &= ~negative_cut(flows, pos, negative)
+    if connected: mask = keep_clicked(mask, pos)
+    return (mask, scores) if return_scores else mask
 
 # %% ../nbs/08_annotate.ipynb #1f5ffa95
 def iou(a, b) -> float:
@@ -80,9 +121,24 @@ def iou(a, b) -> float:
     u = (a | b).sum()
     return 1.0 if u == 0 else float((a & b).sum() / u)
 
-def next_click(gt, pred):
-    "(x, y, positive) at the centre of the largest error region of `pred` vs `gt`; None if they agree."
+def standard_click(gt, pred):
+    """The standard next click (RITM, SimpleClick): (x, y, positive) at the pixel deepest inside the false negatives or
+    the false positives, whichever error region reaches deeper (image border counted as boundary; a tie goes to the
+    false negatives); positive for a false negative. None when pred == gt."""
     gt, pred = np.asarray(gt, bool), np.asarray(pred, bool)
+    if gt.shape != pred.shape: raise ValueError(f'mask shapes differ: {gt.shape} vs {pred.shape}')
+    best = None
+    for err, positive in ((gt & ~pred, True), (pred & ~gt, False)):
+        if not err.any(): continue
+        x, y, d = deepest_point(err, return_depth=True)
+        if best is None or d > best[0]: best = (d, x, y, positive)
+    return None if best is None else (best[1], best[2], best[3])
+
+def largest_region_click(gt, pred):
+    """cmp_nb's older rule, kept to compare: (x, y, positive) at the deepest pixel of the largest connected error
+    region (by area). None when pred == gt."""
+    gt, pred = np.asarray(gt, bool), np.asarray(pred, bool)
+    if gt.shape != pred.shape: raise ValueError(f'mask shapes differ: {gt.shape} vs {pred.shape}')
     best = None
     for err, positive in ((gt & ~pred, True), (pred & ~gt, False)):
         lab, n = ndimage.label(err)
@@ -90,52 +146,197 @@ def next_click(gt, pred):
         sizes = ndimage.sum_labels(err, lab, np.arange(1, n + 1))
         i = int(np.argmax(sizes))
         if best is None or sizes[i] > best[0]: best = (sizes[i], lab == i + 1, positive)
-    if best is None: return None
-    dist = ndimage.distance_transform_edt(np.pad(best[1], 1))[1:-1, 1:-1]
-    y, x = np.unravel_index(np.argmax(dist), dist.shape)
-    return int(x), int(y), best[2]
+    return None if best is None else (*deepest_point(best[1]), best[2])
+
+CLICK_RULES = {'standard': standard_click, 'largest-region': largest_region_click}
+
+# %% ../nbs/08_annotate.ipynb #a6a063e8
+class CMPClicks:
+    "CMP as a click segmenter: `set_image(img)` encodes once, `(positive, negative) -> mask` runs `click_mask`."
+    name = 'CMP'
+    def __init__(self, prop, **mask_kw):
+        if not hasattr(prop, 'predict_many'): raise TypeError(f'CMPClicks needs a cmp_nb Propagator, got {type(prop).__name__}')
+        self.prop, self.mask_kw = prop, mask_kw
+    def set_image(self, image): self.prop.set_image(image); return self
+    def __call__(self, positive, negative=None): return click_mask(self.prop, positive, negative, **self.mask_kw)
+
+def _seeds(shape, positive, negative, radius: int, border: bool) -> np.ndarray:
+    "int (H,W) labels: 1 = disks at positive clicks, 2 = disks at negative clicks (+ the image border), 0 = unknown."
+    H, W = shape
+    lab = np.zeros((H, W), np.uint8)
+    if border: lab[0, :] = lab[-1, :] = lab[:, 0] = lab[:, -1] = 2
+    yy, xx = np.mgrid[0:H, 0:W]
+    for pts, v in ((_clicks(negative), 2), (_clicks(positive), 1)):      # a positive click wins where they overlap
+        for x, y in pts: lab[(xx - x) ** 2 + (yy - y) ** 2 <= radius ** 2] = v
+    return lab
+
+def random_walker_mask(image, positive, negative=None, beta: float = 130., radius: int = 3) -> np.ndarray:
+    "scikit-image's random walker: positive clicks against negative clicks plus the image border; mask = label 1."
+    from skimage.segmentation import random_walker
+    img = load_image(image)
+    if len(_clicks(positive)) == 0: raise ValueError('need at least one positive click')
+    lab = _seeds(img.shape[:2], positive, negative, radius, border=True)
+    out = random_walker(img.astype(np.float32) / 255, lab, beta=beta, mode='bf', channel_axis=-1)
+    return out == 1
+
+def grabcut_mask(image, positive, negative=None, iters: int = 5, radius: int = 3, prior: float = 0.1) -> np.ndarray:
+    """OpenCV GrabCut in mask mode: sure foreground at the positive clicks, sure background at the negative clicks and
+    the image border, probable foreground within `prior` x the longer side of a positive click, probable background elsewhere."""
+    img = load_image(image)
+    pos = _clicks(positive)
+    if len(pos) == 0: raise ValueError('need at least one positive click')
+    H, W = img.shape[:2]
+    yy, xx = np.mgrid[0:H, 0:W]
+    near = np.zeros((H, W), bool)
+    for x, y in pos: near |= (xx - x) ** 2 + (yy - y) ** 2 <= (prior * max(H, W)) ** 2
+    lab = _seeds((H, W), positive, negative, radius, border=True)
+    m = np.where(near, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
+    m[lab == 2] = cv2.GC_BGD; m[lab == 1] = cv2.GC_FGD
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    cv2.grabCut(np.ascontiguousarray(img[..., ::-1]), m, None, bgd, fgd, int(iters), cv2.GC_INIT_WITH_MASK)
+    return (m == cv2.GC_FGD) | (m == cv2.GC_PR_FGD)
+
+class ImageClicks:
+    "A click segmenter from a function `f(image, positive, negative) -> mask` that needs no learning."
+    def __init__(self, fn, name: str, **kw): self.fn, self.name, self.kw, self.image = fn, name, kw, None
+    def set_image(self, image): self.image = load_image(image); return self
+    def __call__(self, positive, negative=None): return self.fn(self.image, positive, negative, **self.kw)
+
+def baselines() -> dict:
+    "The two segmenters that need no learning, by name."
+    return {'random walker': ImageClicks(random_walker_mask, 'random walker'), 'GrabCut': ImageClicks(grabcut_mask, 'GrabCut')}
 
 # %% ../nbs/08_annotate.ipynb #4408d848
-def simulate_clicks(prop, image, gt, n_clicks: int = 5, **mask_kw) -> dict:
-    "Annotate one object with simulated clicks: {'iou': [after click 1..n], 'clicks': [(x, y, positive)], 'masks'}."
+MAX_CLICKS = 20
+
+def simulate_clicks(segmenter, image, gt, n_clicks: int = MAX_CLICKS, rule: str = 'standard', **mask_kw) -> dict:
+    """Annotate one object with simulated clicks, from an empty mask: {'iou': [after click 1..n], 'clicks': [(x, y, positive)],
+    'masks', 'seconds': [per click]}. `segmenter`: a Propagator (CMP, `mask_kw` go to `click_mask`) or anything with
+    `set_image(image)` and `(positive, negative) -> mask` (`CMPClicks`, `baselines()`)."""
+    if rule not in CLICK_RULES: raise ValueError(f'unknown click rule {rule!r}; use one of {list(CLICK_RULES)}')
+    if hasattr(segmenter, 'predict_many'): segmenter = CMPClicks(segmenter, **mask_kw)
+    elif mask_kw: raise TypeError(f'mask options {sorted(mask_kw)} only apply to a Propagator')
     gt = np.asarray(gt, bool)
     img = load_image(image)
     if gt.shape != img.shape[:2]: raise ValueError(f'gt mask shape {gt.shape} differs from image size {img.shape[:2]}')
     if not gt.any(): raise ValueError('gt mask is empty')
-    prop.set_image(img)
+    if int(n_clicks) < 1: raise ValueError(f'n_clicks must be >= 1, got {n_clicks!r}')
+    segmenter.set_image(img)
     pred = np.zeros_like(gt)
-    out = dict(iou=[], clicks=[], masks=[])
-    for _ in range(n_clicks):
-        c = next_click(gt, pred)
-        if c is not None: out['clicks'].append(c)
-        pos = [(x, y) for x, y, p in out['clicks'] if p]
-        neg = [(x, y) for x, y, p in out['clicks'] if not p]
-        if c is not None: pred = click_mask(prop, pos, neg or None, **mask_kw)
+    out = dict(iou=[], clicks=[], masks=[], seconds=[])
+    for _ in range(int(n_clicks)):
+        c = CLICK_RULES[rule](gt, pred)
+        t0 = time.perf_counter()
+        if c is not None:
+            out['clicks'].append(c)
+            pos = [(x, y) for x, y, p in out['clicks'] if p]
+            neg = [(x, y) for x, y, p in out['clicks'] if not p]
+            pred = np.asarray(segmenter(pos, neg or None), bool)
+        out['seconds'].append(time.perf_counter() - t0)
         out['iou'].append(iou(gt, pred)); out['masks'].append(pred)
+    return out
+
+def click_metrics(ious, noc=(0.8, 0.85, 0.9), nof=(0.85, 0.9), max_clicks: int | None = None) -> dict:
+    """From per-object IoU curves (N objects, k clicks): NoC@t (mean clicks to reach IoU t; max_clicks if never),
+    NoF@t (objects that never reach t) and mIoU after each click (the curve, k = 1..)."""
+    a = np.asarray(ious, np.float64)
+    if a.ndim != 2 or a.size == 0: raise ValueError(f'ious must be a non-empty (objects, clicks) array, got shape {a.shape}')
+    K = a.shape[1] if max_clicks is None else int(max_clicks)
+    out = {}
+    for t in noc:
+        hit = a >= t
+        out[f'NoC@{round(100 * t)}'] = float(np.where(hit.any(1), hit.argmax(1) + 1, K).mean())
+    for t in nof: out[f'NoF@{round(100 * t)}'] = int((~(a >= t).any(1)).sum())
+    out['mIoU'] = a.mean(0).tolist()
     return out
 
 # %% ../nbs/08_annotate.ipynb #27ac85ab
 ANNOTATION_SEED = 10 ** 9 + 10 ** 6      # held out: training scenes use seeds below 10**9
+PHOTO_SEED = ANNOTATION_SEED + 50_000
 
 def synthetic_tasks(n_scenes: int = 6, size=(256, 256), seed: int = ANNOTATION_SEED, min_area: float = 0.01,
-                    per_scene: int = 2) -> list:
-    "Annotation tasks [(image, gt_mask, name)] from synthetic scenes: up to `per_scene` largest objects each."
+                    per_scene: int = 2, parts: bool = False, **scene_kw) -> list:
+    """Annotation tasks [(image, gt_mask, name)] from held-out synthetic scenes: up to `per_scene` largest whole objects
+    each ('scene<seed>/object<i>'), or with parts=True up to `per_scene` largest rigid parts of articulated objects
+    ('scene<seed>/part<p>'). `scene_kw` go to `make_clip` (e.g. `**CHAIRS`)."""
     from cmp_nb.synthetic import make_clip
     tasks = []
     for s in range(seed, seed + n_scenes):
-        clip = make_clip(s, size=size)
-        img, inst = clip['frames'][0], clip['instances'][0]
-        ids = [i for i in np.unique(inst) if i > 0 and (inst == i).mean() >= min_area]
-        ids = sorted(ids, key=lambda i: -(inst == i).sum())[:per_scene]
-        tasks += [(img, inst == i, f'scene{s}/object{i}') for i in ids]
+        clip = make_clip(s, size=size, **scene_kw)
+        img, inst, part = clip['frames'][0], clip['instances'][0], clip['parts'][0]
+        if parts:
+            arts = [i for i in np.unique(inst) if i > 0 and len(np.unique(part[inst == i])) > 1]
+            cands = [(part == p, f'scene{s}/part{p}') for i in arts for p in np.unique(part[inst == i])]
+        else: cands = [(inst == i, f'scene{s}/object{i}') for i in np.unique(inst) if i > 0]
+        cands = sorted([c for c in cands if c[0].mean() >= min_area], key=lambda c: -c[0].sum())[:per_scene]
+        tasks += [(img, m, n) for m, n in cands]
     return tasks
 
-def annotation_benchmark(prop, tasks, n_clicks: int = 5, report=(1, 3, 5), **mask_kw) -> dict:
-    "Mean IoU after each number of clicks in `report`, over tasks [(image, gt, name)]; also per-task IoUs."
-    per = {name: simulate_clicks(prop, img, gt, n_clicks, **mask_kw)['iou'] for img, gt, name in tasks}
-    if not per: raise ValueError('no annotation tasks')
-    arr = np.array(list(per.values()))
-    return dict(mean_iou={k: float(arr[:, k - 1].mean()) for k in report if k <= n_clicks}, per_task=per)
+def photo_tasks(n_scenes: int = 6, size=(256, 256), seed: int = PHOTO_SEED, n_objects=(1, 3), area=(0.04, 0.25),
+                min_area: float = 0.01) -> list:
+    """Tasks [(image, gt_mask, name)] of objects pasted onto real photographs: a scikit-image photo (resized to `size`)
+    as background, 1-3 random shapes textured with other photos on top; exact masks of what stays visible."""
+    from cmp_nb.synthetic import texture_bank, random_texture, random_shape_mask, _COLOUR_PICTURES
+    bank = texture_bank()
+    backs = [n for n in sorted(bank) if n in _COLOUR_PICTURES] or sorted(bank)
+    if not backs: raise RuntimeError('no scikit-image photographs available for photo_tasks')
+    H, W = size
+    tasks = []
+    for s in range(seed, seed + n_scenes):
+        rng = np.random.default_rng(s)
+        name = backs[int(rng.integers(len(backs)))]
+        bg = bank[name]
+        c = min(bg.shape[0], bg.shape[1] * H // W)                  # the largest crop of the photo with the scene's aspect
+        y0, x0 = int(rng.integers(0, bg.shape[0] - c + 1)), int(rng.integers(0, bg.shape[1] - c * W // H + 1))
+        img = cv2.resize(bg[y0:y0 + c, x0:x0 + c * W // H], (W, H), interpolation=cv2.INTER_AREA).astype(np.float32)
+        owner = np.zeros((H, W), np.int32)
+        for i in range(1, int(rng.integers(n_objects[0], n_objects[1] + 1)) + 1):
+            a = rng.uniform(*area) * H * W
+            asp = rng.uniform(0.6, 1.6)
+            h, w = min(H - 2, int(np.sqrt(a / asp))), min(W - 2, int(np.sqrt(a * asp)))
+            al = random_shape_mask(rng, (h, w))
+            tex = random_texture(rng, (h, w), noise_prob=0.0)
+            y, x = int(rng.integers(0, H - h)), int(rng.integers(0, W - w))
+            sub = img[y:y + h, x:x + w]
+            sub += (tex - sub) * al[..., None]
+            owner[y:y + h, x:x + w][al >= 0.5] = i
+        img = np.clip(np.round(img), 0, 255).astype(np.uint8)
+        tasks += [(img, owner == i, f'photo{s}:{name}/object{i}') for i in range(1, owner.max() + 1)
+                  if (owner == i).mean() >= min_area]
+    return tasks
+
+def test_sets(n_scenes: int = 6, size=(192, 192), per_scene: int = 2, seed: int = ANNOTATION_SEED + 100) -> dict:
+    "The three held-out test sets, reported separately: whole objects, articulated parts, objects on real photographs."
+    return {'objects': synthetic_tasks(n_scenes, size, seed, per_scene=per_scene),
+            'parts': synthetic_tasks(n_scenes, size, seed, per_scene=per_scene, parts=True),
+            'photos': photo_tasks(n_scenes, size, PHOTO_SEED + (seed - ANNOTATION_SEED))}
+
+def annotation_benchmark(segmenters, tasks, n_clicks: int = MAX_CLICKS, report=(1, 3, 5), rule: str = 'standard') -> dict:
+    """Every segmenter ({name: Propagator or segmenter}, or one of them) on the same tasks [(image, gt, name)] with the
+    same click rule: {name: dict(click_metrics, mean_iou={k: mIoU after k clicks}, per_task, seconds_per_click)}."""
+    if not isinstance(segmenters, dict): segmenters = {getattr(segmenters, 'name', 'CMP'): segmenters}
+    if not tasks: raise ValueError('no annotation tasks')
+    out = {}
+    for name, seg in segmenters.items():
+        runs = {n: simulate_clicks(seg, img, gt, n_clicks, rule=rule) for img, gt, n in tasks}
+        per = {n: r['iou'] for n, r in runs.items()}
+        secs = [s for r in runs.values() for s, c in zip(r['seconds'], range(len(r['clicks'])))]
+        out[name] = dict(click_metrics(list(per.values()), max_clicks=n_clicks),
+                         mean_iou={k: float(np.mean([v[k - 1] for v in per.values()])) for k in report if k <= n_clicks},
+                         per_task=per, seconds_per_click=float(np.mean(secs)) if secs else float('nan'))
+    return out
+
+def results_table(results: dict, ks=(1, 3, 5)) -> str:
+    "A markdown table of `annotation_benchmark` results ({test set: results}, or one result dict)."
+    if results and 'mIoU' in next(iter(results.values())): results = {'': results}
+    ks = [k for k in ks if all(k <= len(r['mIoU']) for res in results.values() for r in res.values())]
+    cols = ['NoC@80', 'NoC@85', 'NoC@90', 'NoF@85', 'NoF@90'] + [f'mIoU@{k}' for k in ks]
+    rows = ['| test set | method | objects | ' + ' | '.join(cols) + ' | s/click |', '|' + '---|' * (len(cols) + 4)]
+    for ts, res in results.items():
+        for name, r in res.items():
+            vals = [f'{r[c]:.2f}' if c.startswith('NoC') else str(r[c]) for c in cols[:5]] + [f'{r["mIoU"][k - 1]:.3f}' for k in ks]
+            rows.append(f'| {ts} | {name} | {len(r["per_task"])} | ' + ' | '.join(vals) + f' | {r["seconds_per_click"]:.3f} |')
+    return '\n'.join(rows)
 
 # %% ../nbs/08_annotate.ipynb #ba6e0622
 def save_mask(mask, path) -> Path:
@@ -153,6 +354,64 @@ def load_mask(path) -> np.ndarray:
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f'mask file not found: {path}')
     return np.asarray(Image.open(path).convert('L')) > 0
+
+# %% ../nbs/08_annotate.ipynb #07ca9862
+def mask_to_rle(mask) -> dict:
+    "COCO run-length encoding (pycocotools) of a bool (H,W) mask, with `counts` as text so it goes into JSON."
+    from pycocotools import mask as mask_utils
+    m = np.asarray(mask)
+    if m.ndim != 2: raise ValueError(f'mask must be (H, W), got shape {m.shape}')
+    rle = mask_utils.encode(np.asfortranarray(m.astype(bool).astype(np.uint8)))
+    return dict(size=[int(v) for v in rle['size']], counts=rle['counts'].decode('ascii'))
+
+def rle_to_mask(rle) -> np.ndarray:
+    "bool (H,W) mask from a COCO RLE (`counts` as text or bytes)."
+    from pycocotools import mask as mask_utils
+    r = dict(rle); r['counts'] = r['counts'].encode('ascii') if isinstance(r['counts'], str) else r['counts']
+    return mask_utils.decode(r).astype(bool)
+
+def coco_export(images, categories, path=None) -> dict:
+    """COCO instance-segmentation JSON for annotated images: `images` = [dict(file_name, objects=[(mask, category), ...])]
+    (optionally height, width), `categories` = names (ids 1..). Masks are RLE-encoded (iscrowd 0), with area and bbox.
+    Writes it to `path` if given; returns the dict."""
+    import json
+    cats = list(categories)
+    if len(set(cats)) != len(cats): raise ValueError(f'category names repeat: {cats}')
+    cat_id = {c: i + 1 for i, c in enumerate(cats)}
+    out = dict(images=[], annotations=[], categories=[dict(id=i, name=c) for c, i in cat_id.items()])
+    for img_id, im in enumerate(images, start=1):
+        if 'file_name' not in im: raise ValueError(f'image {img_id} has no file_name')
+        objs = im.get('objects', [])
+        shape = np.asarray(objs[0][0]).shape if objs else (im.get('height'), im.get('width'))
+        if None in shape: raise ValueError(f"image {im['file_name']!r} has no objects: give its height and width")
+        out['images'].append(dict(id=img_id, file_name=str(im['file_name']), height=int(shape[0]), width=int(shape[1])))
+        for mask, cat in objs:
+            m = np.asarray(mask, bool)
+            if m.shape != tuple(shape): raise ValueError(f"image {im['file_name']!r}: mask shape {m.shape} differs from {tuple(shape)}")
+            if cat not in cat_id: raise ValueError(f"image {im['file_name']!r}: unknown category {cat!r}; categories: {cats}")
+            if not m.any(): raise ValueError(f"image {im['file_name']!r}: an empty mask for {cat!r}")
+            ys, xs = np.nonzero(m)
+            out['annotations'].append(dict(id=len(out['annotations']) + 1, image_id=img_id, category_id=cat_id[cat],
+                                           segmentation=mask_to_rle(m), area=int(m.sum()), iscrowd=0,
+                                           bbox=[int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]))
+    if path is not None:
+        path = Path(path)
+        if path.suffix.lower() != '.json': raise ValueError(f'COCO files are JSON, got {path.name}')
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out))
+    return out
+
+def coco_load(path) -> list:
+    "Read a COCO JSON with pycocotools: [dict(file_name, height, width, objects=[(mask, category), ...])]."
+    from pycocotools.coco import COCO
+    import contextlib, io
+    path = Path(path)
+    if not path.exists(): raise FileNotFoundError(f'COCO file not found: {path}')
+    with contextlib.redirect_stdout(io.StringIO()): coco = COCO(str(path))     # it prints progress
+    names = {c['id']: c['name'] for c in coco.loadCats(coco.getCatIds())}
+    return [dict(file_name=im['file_name'], height=im['height'], width=im['width'],
+                 objects=[(coco.annToMask(a).astype(bool), names[a['category_id']]) for a in coco.loadAnns(coco.getAnnIds(imgIds=im['id']))])
+            for im in coco.loadImgs(sorted(coco.getImgIds()))]
 
 # %% ../nbs/08_annotate.ipynb #227b38b4
 def overlay_mask(image, mask, color=(0, 220, 0), alpha: float = 0.5) -> np.ndarray:

@@ -61,13 +61,13 @@ BASELINES = {'zero flow': zero_flow, 'nearest guidance': nearest_flow, 'EPIC': e
 # %% ../nbs/03c_baselines.ipynb #e6e2f47c
 MEASURE_SEED = 10 ** 9 + 1_000_000
 
-def deepest_point(mask) -> tuple[int, int]:
-    "(x, y) of the pixel of a bool mask farthest from its boundary, the image border counting as boundary."
+def deepest_point(mask, return_depth: bool = False) -> tuple:
+    "(x, y) of the pixel of a bool mask farthest from its boundary, the image border counting as boundary; (x, y, depth) if asked."
     m = np.asarray(mask, bool)
     if not m.any(): raise ValueError('deepest_point: the mask is empty')
     d = distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
     y, x = np.unravel_index(int(np.argmax(d)), d.shape)
-    return int(x), int(y)
+    return (int(x), int(y), float(d[y, x])) if return_depth else (int(x), int(y))
 
 def _static_points(instances: np.ndarray, margin: int = 6) -> np.ndarray:
     "(N,4) zero-motion points on the background grid (every third of the frame), `margin` px from any object."
