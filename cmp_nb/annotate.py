@@ -150,7 +150,7 @@ def largest_region_click(gt, pred):
 
 CLICK_RULES = {'standard': standard_click, 'largest-region': largest_region_click}
 
-# %% ../nbs/08_annotate.ipynb #a6a063e8
+# %% ../nbs/08_annotate.ipynb #a2ad1885
 class CMPClicks:
     "CMP as a click segmenter: `set_image(img)` encodes once, `(positive, negative) -> mask` runs `click_mask`."
     name = 'CMP'
@@ -355,7 +355,7 @@ def load_mask(path) -> np.ndarray:
     if not path.exists(): raise FileNotFoundError(f'mask file not found: {path}')
     return np.asarray(Image.open(path).convert('L')) > 0
 
-# %% ../nbs/08_annotate.ipynb #07ca9862
+# %% ../nbs/08_annotate.ipynb #e37f2301
 def mask_to_rle(mask) -> dict:
     "COCO run-length encoding (pycocotools) of a bool (H,W) mask, with `counts` as text so it goes into JSON."
     from pycocotools import mask as mask_utils

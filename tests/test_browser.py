@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import numpy as np
 import urllib.request
 from pathlib import Path
 
@@ -322,12 +323,27 @@ def test_canvas_in_jupyterlab(request):
             page.mouse.click(abox['x'] + 0.5 * abox['width'], abox['y'] + 0.5 * abox['height'])
             page.wait_for_function(SHOWN2, arg=int(ann.get_attribute('data-sent-seq')), timeout=120_000)
             assert ': 1 positive, 0 negative' in ann.locator('.cmp-status').inner_text()
+            from cmp_nb.annotate import load_mask
+            def read_mask(differs_from=None, timeout=20.0):       # the kernel writes mask.png as it publishes a result
+                t_end = time.time() + timeout
+                while True:
+                    try: m = load_mask(lab['root'] / 'mask.png')
+                    except (FileNotFoundError, OSError, ValueError): m = None
+                    if m is not None and (differs_from is None or (m != differs_from).any()) or time.time() > t_end: return m
+                    time.sleep(0.25)
+            m1 = read_mask(np.zeros((256, 256), bool))
+            assert m1 is not None, 'no mask.png after the positive click'
+            assert m1.any(), 'a positive click gave an empty mask'                 # changed from the empty mask
+            ys, xs = np.nonzero(m1)                                                 # negative click: the mask pixel
+            far = int(np.argmax((xs - m1.shape[1] / 2) ** 2 + (ys - m1.shape[0] / 2) ** 2))   # farthest from the positive one
             page.keyboard.down('Shift')
-            page.mouse.click(abox['x'] + 0.1 * abox['width'], abox['y'] + 0.1 * abox['height'])
+            page.mouse.click(abox['x'] + (xs[far] + 0.5) / m1.shape[1] * abox['width'],
+                             abox['y'] + (ys[far] + 0.5) / m1.shape[0] * abox['height'])
             page.keyboard.up('Shift')
             page.wait_for_function(SHOWN2, arg=int(ann.get_attribute('data-sent-seq')), timeout=120_000)
             assert ': 1 positive, 1 negative' in ann.locator('.cmp-status').inner_text()
-            assert (lab['root'] / 'mask.png').exists()
+            m2 = read_mask(m1)
+            assert (m2 != m1).any() and m2.sum() < m1.sum(), 'the negative click did not cut the mask'
             ann.screenshot(path=str(ARTIFACTS / 'browser_annotate.png'))
             assert not external, f'the page asked for resources off this machine: {external}'
             probe = page.evaluate("() => fetch('https://cdn.jsdelivr.net/npm/probe.js').then(() => 'loaded', () => 'blocked')")
