@@ -166,9 +166,8 @@ def check_value(key: str, value, source: str = 'config'):
     return value
 
 def check_config(cfg: dict, source: str = 'config') -> dict:
-    "Check every key of a resolved config (types via `merge_config`, then ranges); returns it unchanged."
-    merge_config(DEFAULTS, cfg, source)
-    return cfg
+    "Check every key of a config (types and ranges, as `merge_config` does); returns it complete (missing keys: defaults)."
+    return merge_config(DEFAULTS, cfg, source)
 
 # %% ../nbs/05a_config.ipynb #c014
 def _unknown(key: str, source: str) -> ValueError:
