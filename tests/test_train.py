@@ -412,3 +412,36 @@ def test_torch_compile_on_cpu(tmp_path):
     assert all(abs(le[i] - lc[i]) <= 1e-3 * abs(le[i]) for i in le), (le, lc)
     wc = _weights(tmp_path / 'compiled')
     assert not any(k.startswith('_orig_mod.') for k in wc), 'the compiled wrapper leaked into the saved weights'
+
+
+def test_used_run_dir_refused_then_overwrite(tmp_path):
+    "A fresh run in a run dir that holds a run exits 2 naming --resume and --overwrite, changing nothing; --overwrite starts over."
+    _run(tmp_path, 'train.iters=2')
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*') if p.is_file()}
+    p = subprocess.run(_cmd(tmp_path, 'train.iters=3'), capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert 'already holds a run' in p.stderr and '--resume auto' in p.stderr and '--overwrite' in p.stderr, p.stderr
+    assert 'Traceback' not in p.stderr
+    assert {q: q.stat().st_mtime_ns for q in tmp_path.rglob('*') if q.is_file()} == before
+    p = _run(tmp_path, 'train.iters=3', '--overwrite')
+    assert 'removed the earlier run' in p.stdout
+    assert sorted(_losses(tmp_path)) == [1, 2, 3] and _checkpoint_iterations(tmp_path) == [3]   # the old run's ckpt 2 is gone
+    assert torch.load(tmp_path / 'model.pt', weights_only=True)['iteration'] == 3
+
+
+@pytest.mark.parametrize('bad,key', [('optim.lr=nan', 'optim.lr'), ('train.batch_size=0', 'train.batch_size')])
+def test_out_of_range_values_refused_before_running(tmp_path, bad, key):
+    "Overrides anywhere on the line (here after --run-dir); an impossible value exits 2 before a run dir exists."
+    p = subprocess.run(_cmd(tmp_path / 'run', bad), capture_output=True, text=True, env=_env(), timeout=120, cwd=ROOT)
+    assert p.returncode == 2 and repr(key) in p.stderr and 'out of range' in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / 'run').exists()
+
+
+def test_export_encoder_names_a_bad_file(reference, tmp_path):
+    (tmp_path / 'empty.pt').write_bytes(b'')
+    (tmp_path / 'cut.pt').write_bytes((reference / 'model.pt').read_bytes()[:20000])
+    for name in ('empty.pt', 'cut.pt'):
+        p = subprocess.run([str(BIN / 'cmp_export_encoder'), str(tmp_path / name)], capture_output=True, text=True,
+                           env=_env(), cwd=ROOT, timeout=120)
+        assert p.returncode == 2, p.stderr
+        assert f'checkpoint {tmp_path / name} is corrupt or unreadable' in p.stderr and 'Traceback' not in p.stderr, p.stderr
