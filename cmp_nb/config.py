@@ -10,8 +10,9 @@ import yaml
 import torch
 
 # %% auto #0
-__all__ = ['DEFAULTS', 'FREE_FORM', 'RANGES', 'ODD', 'CHOICES', 'NULLABLE', 'valid_keys', 'check_value', 'check_config',
-           'merge_config', 'parse_override', 'load_config', 'save_config', 'StepSchedule', 'base_lr', 'build_optimizer']
+__all__ = ['DEFAULTS', 'FREE_FORM', 'NONE_TYPED', 'RANGES', 'ODD', 'CHOICES', 'NULLABLE', 'valid_keys', 'check_value',
+           'check_config', 'merge_config', 'parse_override', 'load_config', 'save_config', 'StepSchedule', 'base_lr',
+           'build_optimizer']
 
 # %% ../nbs/05a_config.ipynb #c006
 DEFAULTS = {
@@ -87,9 +88,15 @@ def valid_keys(cfg: dict = None, prefix: str = '') -> list[str]:
     return out
 
 # %% ../nbs/05a_config.ipynb #c011
+NONE_TYPED = {'data.max_points': 0, 'ckpt.resume': '', 'data.train': ('path',), 'data.val': ('path',)}
+
 def _coerce(key: str, value, default):
     "`value` converted to the type of `default`, or a ValueError naming the key."
+    if default is None: default = NONE_TYPED.get(key)          # keys whose default is None still have a type
     if default is None or value is None: return value
+    if isinstance(default, tuple):                              # data.train / data.val: a path or a list of paths
+        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)): return value
+        raise ValueError(f'config key {key!r}: expected a path or a list of paths, got {value!r}')
     bad = ValueError(f'config key {key!r}: expected {type(default).__name__}, got {value!r}')
     if isinstance(default, bool):
         if isinstance(value, bool): return value

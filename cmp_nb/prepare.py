@@ -151,16 +151,17 @@ def resize_max_side(img: np.ndarray, max_side: int | None) -> np.ndarray:
     return cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
 
 def write_video(path, frames, fps: int = 10, crf: int = 1, codec: str | None = None, pix_fmt: str | None = None,
-                bit_rate: int = 20_000_000):
+                bit_rate: int = 20_000_000, options: dict | None = None):
     """Encode uint8 RGB frames to `path` with PyAV (the container follows the file extension). Default: H.264 4:4:4
     at constant quality `crf` (0 = lossless), or MPEG-4 at `bit_rate` where libx264 is missing; `codec` and
-    `pix_fmt` choose others (e.g. 'libvpx-vp9' for .webm, 'ffv1' for lossless .mkv), at `bit_rate` unless H.264."""
+    `pix_fmt` choose others (e.g. 'libvpx-vp9' for .webm, 'ffv1' for lossless .mkv), at `bit_rate` unless H.264;
+    `options` go to the muxer (e.g. {'movflags': 'faststart'}: an mp4 with its index at the front)."""
     import av
     frames = [np.asarray(f) for f in frames]
     if not frames: raise ValueError('write_video needs at least one frame')
     h, w = frames[0].shape[:2]
     if codec is None: codec = 'libx264' if 'libx264' in av.codecs_available else 'mpeg4'
-    with av.open(str(path), 'w') as c:
+    with av.open(str(path), 'w', options=dict(options or {})) as c:
         st = c.add_stream(codec, rate=fps)
         st.pix_fmt = pix_fmt or ('yuv444p' if codec == 'libx264' else 'yuv420p')
         if codec == 'libx264': st.options = {'crf': str(crf)}

@@ -92,6 +92,8 @@ class Propagator:
         out = (p[:, 0] < 0) | (p[:, 0] > W - 1) | (p[:, 1] < 0) | (p[:, 1] > H - 1)
         if out.any():
             raise ValueError(f'guidance points outside the {W}x{H} image (x, y): {p[out, :2].tolist()}')
+        far = (np.abs(p[:, 2:]) > 1e6).any(1)                  # would overflow float32 in the model: not a motion
+        if far.any(): raise ValueError(f'guidance vectors longer than 1e6 px (x, y, u, v): {p[far].tolist()}')
         h, w = self.content_size
         sx, sy = w / W, h / H
         q = p * np.array([sx, sy, sx, sy], np.float32)
