@@ -648,10 +648,7 @@ def export_encoder(checkpoint, out, torchvision_out=None) -> dict:
     from cmp_nb.propagator import load_model
     from cmp_nb.flow import IMAGE_MEAN, IMAGE_STD
     if not Path(checkpoint).is_file(): raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
-    try: model = load_model(checkpoint)
-    except (ValueError, FileNotFoundError): raise
-    except Exception as e:        # EOFError, zip (miniz) errors, unpickling errors: a bad file, named
-        raise ValueError(f'checkpoint {checkpoint} is corrupt or unreadable: {type(e).__name__}: {e}') from e
+    model = load_model(checkpoint)      # an empty, truncated or corrupt file is a ValueError naming it
     enc = model.image_encoder
     sd = {k: v.detach().clone() for k, v in enc.state_dict().items()}
     out = Path(out)
