@@ -13,35 +13,16 @@ EPEs are averaged over the seeds.
 import argparse, json, sys, time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sintel_pair(root: Path, short_side: int = 416, crop: int = 384):
-    "(image uint8 (crop,crop,3), flow (crop,crop,2), valid (crop,crop) bool) of Sintel clean alley_1 frame 2."
-    from cmp_nb.flow import load_image, read_flo, resize_flow
-    seq = root / 'clean' / 'alley_1'
-    img = load_image(seq / 'frame_0002.png')
-    flow = read_flo(seq / 'gt' / 'frame_0002.flo')
-    invalid = cv2.imread(str(seq / 'gt' / 'invalid' / 'frame_0002.png'), cv2.IMREAD_GRAYSCALE)
-    valid = np.ones(img.shape[:2], bool) if invalid is None else invalid < 128
-    H, W = img.shape[:2]
-    s = short_side / min(H, W)
-    h, w = round(H * s), round(W * s)
-    img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
-    flow = resize_flow(flow, (h, w))
-    valid = cv2.resize(valid.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) > 0.999
-    y0, x0 = (h - crop) // 2, (w - crop) // 2
-    sl = (slice(y0, y0 + crop), slice(x0, x0 + crop))
-    return np.ascontiguousarray(img[sl]), np.ascontiguousarray(flow[sl], np.float32), valid[sl]
-
-
 def sintel_samples(root: Path, nms_ks: int, grid_stride: int, seeds=range(10)) -> list:
     "One sample dict per guidance seed (a list is a dataset for cmp_nb.train.evaluate)."
     from cmp_nb.flow import image_to_tensor
+    from cmp_nb.baselines import sintel_pair
     from cmp_nb.guidance import sample_guidance
     img, flow, valid = sintel_pair(root)
     out = []

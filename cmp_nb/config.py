@@ -4,14 +4,15 @@
 
 # %% ../nbs/05a_config.ipynb #c003
 from __future__ import annotations
-import copy, difflib
+import copy, difflib, math
 from pathlib import Path
 import yaml
 import torch
 
 # %% auto #0
-__all__ = ['DEFAULTS', 'FREE_FORM', 'valid_keys', 'merge_config', 'parse_override', 'load_config', 'save_config', 'StepSchedule',
-           'base_lr', 'build_optimizer']
+__all__ = ['DEFAULTS', 'FREE_FORM', 'NONE_TYPED', 'RANGES', 'ODD', 'CHOICES', 'NULLABLE', 'valid_keys', 'check_value',
+           'check_config', 'merge_config', 'parse_override', 'load_config', 'save_config', 'StepSchedule', 'base_lr',
+           'build_optimizer']
 
 # %% ../nbs/05a_config.ipynb #c006
 DEFAULTS = {
@@ -62,6 +63,7 @@ DEFAULTS = {
         'every': 1000,            # save a checkpoint every this many iterations (and at the end)
         'keep': 3,                # keep the newest k checkpoints
         'resume': None,           # None | auto | path to a checkpoint
+        'overwrite': False,       # a fresh run in a used run dir first deletes the old run's files (else: refused)
     },
     'log': {
         'every': 20,              # console + TensorBoard scalars every n iterations
@@ -86,9 +88,15 @@ def valid_keys(cfg: dict = None, prefix: str = '') -> list[str]:
     return out
 
 # %% ../nbs/05a_config.ipynb #c011
+NONE_TYPED = {'data.max_points': 0, 'ckpt.resume': '', 'data.train': ('path',), 'data.val': ('path',)}
+
 def _coerce(key: str, value, default):
     "`value` converted to the type of `default`, or a ValueError naming the key."
+    if default is None: default = NONE_TYPED.get(key)          # keys whose default is None still have a type
     if default is None or value is None: return value
+    if isinstance(default, tuple):                              # data.train / data.val: a path or a list of paths
+        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)): return value
+        raise ValueError(f'config key {key!r}: expected a path or a list of paths, got {value!r}')
     bad = ValueError(f'config key {key!r}: expected {type(default).__name__}, got {value!r}')
     if isinstance(default, bool):
         if isinstance(value, bool): return value
@@ -98,23 +106,75 @@ def _coerce(key: str, value, default):
         if isinstance(value, bool): raise bad
         if isinstance(value, int): return value
         try: f = float(value)
-        except (TypeError, ValueError): raise bad from None
-        if f != int(f): raise bad
+        except (TypeError, ValueError, OverflowError): raise bad from None
+        if not math.isfinite(f) or f != int(f): raise bad
         return int(f)
     if isinstance(default, float):
         if isinstance(value, bool): raise bad
         try: return float(value)
-        except (TypeError, ValueError): raise bad from None
+        except (TypeError, ValueError, OverflowError): raise bad from None
     if isinstance(default, str):
         if isinstance(value, (dict, list)): raise bad
         return str(value)
     if isinstance(default, list):
-        if not isinstance(value, (list, tuple)): raise bad
+        if not isinstance(value, (list, tuple)) or any(v is None for v in value): raise bad
         return [_coerce(key, v, default[0]) for v in value] if default else list(value)
     if isinstance(default, dict):
         if not isinstance(value, dict): raise bad
         return dict(value)
     return value
+
+# %% ../nbs/05a_config.ipynb #c012b
+RANGES = {                    # key: (lowest, highest); '>' / '<' in front: the bound itself is excluded; None: no bound
+    'data.crop': (32, None), 'data.short_side': (1, None), 'data.nms_ks': (1, None), 'data.grid_stride': (1, None),
+    'data.max_points': (0, None), 'data.num_workers': (0, None), 'data.train_size': (1, None), 'data.val_size': (0, None),
+    'train.iters': (1, None), 'train.batch_size': (1, None), 'train.seed': (0, 2**63 - 1), 'train.threads': (0, None),
+    'optim.lr': ('>0', None), 'optim.momentum': (0, '<1'), 'optim.weight_decay': (0, None), 'optim.milestones': ('>0', 1),
+    'optim.gamma': ('>0', None), 'optim.warmup_iters': (0, None), 'optim.warmup_factor': ('>0', 1),
+    'optim.base_batch': (1, None), 'ckpt.every': (1, None), 'ckpt.keep': (1, None),
+    'log.every': (1, None), 'log.val_every': (0, None), 'log.val_batches': (1, None), 'log.image_every': (0, None),
+}
+ODD = {'data.nms_ks'}                                             # the NMS window has a centre pixel
+CHOICES = {'data.kind': ('synthetic', 'manifest', 'shards'), 'train.amp': ('none', 'bf16', 'fp16')}
+NULLABLE = {'data.short_side', 'data.grid_stride'}                # besides the keys whose default is None
+
+def _bound_text(lo, hi) -> str:
+    lo_s = None if lo is None else (f'> {lo[1:]}' if isinstance(lo, str) else f'>= {lo}')
+    hi_s = None if hi is None else (f'< {hi[1:]}' if isinstance(hi, str) else f'<= {hi}')
+    return ' and '.join(s for s in (lo_s, hi_s) if s)
+
+def _in_range(v, lo, hi) -> bool:
+    if isinstance(v, float) and not math.isfinite(v): return False
+    if lo is not None and not (v > float(lo[1:]) if isinstance(lo, str) else v >= lo): return False
+    if hi is not None and not (v < float(hi[1:]) if isinstance(hi, str) else v <= hi): return False
+    return True
+
+def _default(key: str):
+    d = DEFAULTS
+    for part in key.split('.'): d = d[part]
+    return d
+
+def check_value(key: str, value, source: str = 'config'):
+    "ValueError naming `key`, `value` and `source` when a (type-checked) value is outside what the key allows."
+    if value is None:
+        if _default(key) is None or key in NULLABLE: return value
+        raise ValueError(f'config key {key!r} in {source} needs a value, got null (default: {_default(key)!r})')
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ValueError(f'config key {key!r} in {source}: {value!r} is not one of {", ".join(CHOICES[key])}')
+    if key == 'ckpt.run_dir' and not str(value).strip():
+        raise ValueError(f'config key {key!r} in {source} must name a folder, got {value!r}')
+    if key in RANGES:
+        lo, hi = RANGES[key]
+        for v in (value if isinstance(value, list) else [value]):
+            if not _in_range(v, lo, hi):
+                raise ValueError(f'config key {key!r} in {source}: {v!r} is out of range; it must be {_bound_text(lo, hi)}'
+                                 + (' and finite' if isinstance(v, float) else ''))
+            if key in ODD and v % 2 == 0: raise ValueError(f'config key {key!r} in {source}: {v!r} must be odd')
+    return value
+
+def check_config(cfg: dict, source: str = 'config') -> dict:
+    "Check every key of a config (types and ranges, as `merge_config` does); returns it complete (missing keys: defaults)."
+    return merge_config(DEFAULTS, cfg, source)
 
 # %% ../nbs/05a_config.ipynb #c014
 def _unknown(key: str, source: str) -> ValueError:
@@ -136,7 +196,7 @@ def merge_config(cfg: dict, new: dict, source: str = 'config', _defaults=None, _
             if not isinstance(v, dict): raise ValueError(f'config key {key!r} in {source} is a section; give it a mapping, got {v!r}')
             out[k] = merge_config(out[k], v, source, d, key + '.')
         else:
-            out[k] = _coerce(key, v, d)
+            out[k] = check_value(key, _coerce(key, v, d), source)
     return out
 
 def parse_override(item: str) -> dict:
@@ -146,7 +206,7 @@ def parse_override(item: str) -> dict:
     key = key.strip()
     if not key: raise ValueError(f'override {item!r} has no key')
     try: value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError: value = raw
+    except Exception: value = raw                       # not YAML (or a YAML date that does not exist): the string
     out = value
     for part in reversed(key.split('.')): out = {part: out}
     return out
@@ -157,9 +217,11 @@ def _read_yaml(path: Path, depth: int = 0) -> list[tuple[dict, str]]:
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f'config file not found: {path}')
     if depth > 8: raise ValueError(f'{path}: too many nested `base:` files')
-    data = yaml.safe_load(path.read_text()) or {}
+    try: data = yaml.safe_load(path.read_text(encoding='utf-8')) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e: raise ValueError(f'{path}: not a readable YAML file: {e}') from None
     if not isinstance(data, dict): raise ValueError(f'{path}: a config file must hold a mapping, got {type(data).__name__}')
     base = data.pop('base', None)
+    if base is not None and not isinstance(base, str): raise ValueError(f'{path}: `base:` must be a file name, got {base!r}')
     chain = _read_yaml(path.parent / base, depth + 1) if base else []
     return chain + [(data, str(path))]
 

@@ -126,7 +126,8 @@ def main(argv=None) -> int:
     models, results = {}, {}
     if a.iters > 0:
         run = dict(cfg, train={**cfg['train'], 'iters': a.iters}, data={**cfg['data'], 'val_size': 0},
-                   ckpt={**cfg['ckpt'], 'run_dir': str(out / 'run'), 'every': max(50, a.iters // 4), 'resume': None},
+                   ckpt={**cfg['ckpt'], 'run_dir': str(out / 'run'), 'every': max(50, a.iters // 4), 'resume': None,
+                             'overwrite': True},   # the demo's own run dir: a rerun starts over
                    log={**cfg['log'], 'val_every': 0, 'image_every': a.iters})
         print(f'cmp_demo: training the quickstart model for {a.iters} iterations (a shortened run; the full one is '
               f'`cmp_train --config configs/quickstart.yaml`, {cfg["train"]["iters"]} iterations)', flush=True)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04d_prepare.ipynb #e7c6f7d6
 from __future__ import annotations
-import argparse, hashlib, inspect, json, os, queue, re, sys, time
+import argparse, hashlib, inspect, json, os, queue, re, shutil, sys, time
 import multiprocessing as mp
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -17,9 +17,10 @@ from .estimate import get_estimator, ESTIMATORS
 
 # %% auto #0
 __all__ = ['MAX_FRAME_GAP', 'VIDEO_EXTS', 'IMAGE_EXTS', 'TMP_MARK', 'check_pair_rule', 'frame_pairs', 'Source', 'natural_key',
-           'find_sources', 'iter_video_frames', 'video_frame_count', 'resize_max_side', 'write_video', 'rank_from_env',
-           'shard_sources', 'atomic_write', 'write_image', 'write_flow', 'remove_temp_files', 'read_manifest',
-           'write_manifest', 'merge_manifests', 'process_source', 'prepare', 'main']
+           'find_sources', 'iter_video_frames', 'video_expected_frames', 'video_frame_count', 'resize_max_side',
+           'write_video', 'rank_from_env', 'shard_sources', 'atomic_write', 'write_image', 'write_flow',
+           'remove_temp_files', 'read_manifest', 'write_manifest', 'merge_manifests', 'process_source', 'prepare',
+           'main']
 
 # %% ../nbs/04d_prepare.ipynb #4ef463b3
 MAX_FRAME_GAP = 9
@@ -49,6 +50,10 @@ class Source:
     sid: str
     nbytes: int
     frames: tuple = ()
+    mtime_ns: int = 0           # newest modification time (of the file, or of the folder's frames)
+    def stamp(self) -> dict:
+        "What identifies this version of the source: recorded with each row and in its `.done` marker."
+        return {'source_nbytes': int(self.nbytes), 'source_mtime_ns': int(self.mtime_ns)}
 
 def natural_key(name: str):
     "Sort key that orders frame_2 before frame_10."
@@ -61,6 +66,11 @@ def _real(path) -> Path:
 def _size(path) -> int:
     "File size in bytes; 0 when it cannot be stat'ed (dangling symlink, deleted meanwhile)."
     try: return os.stat(path).st_size
+    except OSError: return 0
+
+def _mtime(path) -> int:
+    "Modification time in ns; 0 when it cannot be stat'ed."
+    try: return os.stat(path).st_mtime_ns
     except OSError: return 0
 
 def _sid(parts, path: Path) -> str:
@@ -86,7 +96,7 @@ def find_sources(inputs, ignored: list | None = None, exclude=()) -> list:
         if root.is_file():
             if root.suffix.lower() in IMAGE_EXTS:
                 raise ValueError(f'{inp} is a single image; give the folder that holds the frames')
-            add(Source('video', str(root), _sid([root.name], root), _size(root))); continue
+            add(Source('video', str(root), _sid([root.name], root), _size(root), mtime_ns=_mtime(root))); continue
         skip = [e for e in excl if not _inside(_real(root), [e])]   # never the folder the input is in
         found, walked = 0, set()
         for d, dirs, files in os.walk(root, followlinks=True):
@@ -97,10 +107,11 @@ def find_sources(inputs, ignored: list | None = None, exclude=()) -> list:
             rel = [_real(root).name or 'input', *d.relative_to(root).parts]
             images = sorted((f for f in files if Path(f).suffix.lower() in IMAGE_EXTS), key=natural_key)
             if images:
-                found += 1; add(Source('frames', str(d), _sid(rel, d), sum(_size(d/f) for f in images), tuple(images)))
+                found += 1; add(Source('frames', str(d), _sid(rel, d), sum(_size(d/f) for f in images), tuple(images),
+                                  max(_mtime(d/f) for f in images)))
             for f in sorted(files, key=natural_key):
                 ext = Path(f).suffix.lower()
-                if ext in VIDEO_EXTS: found += 1; add(Source('video', str(d/f), _sid(rel + [f], d/f), _size(d/f)))
+                if ext in VIDEO_EXTS: found += 1; add(Source('video', str(d/f), _sid(rel + [f], d/f), _size(d/f), mtime_ns=_mtime(d/f)))
                 elif ext not in IMAGE_EXTS and ignored is not None: ignored.append(str(d/f))
         if not found:
             raise ValueError(f'{inp}: no videos ({" ".join(VIDEO_EXTS)}) or frame images ({" ".join(IMAGE_EXTS)}) found in this folder')
@@ -116,6 +127,18 @@ def iter_video_frames(path):
         stream.thread_type = 'AUTO'
         for i, frame in enumerate(container.decode(stream)): yield i, frame.to_ndarray(format='rgb24')
 
+def video_expected_frames(path) -> tuple[int, str]:
+    "(frames the container says its first video stream has, how it says so); (0, '') when it does not say."
+    import av
+    with av.open(str(path)) as c:
+        if not c.streams.video: return 0, ''
+        st = c.streams.video[0]
+        if st.frames: return int(st.frames), 'the frame count in its header'
+        rate = st.average_rate or st.guessed_rate
+        dur = float(st.duration * st.time_base) if st.duration and st.time_base else (c.duration or 0) / 1e6
+        if rate and dur > 0: return int(round(dur * float(rate))), f'its duration {dur:.3g} s x {float(rate):g} fps'
+    return 0, ''
+
 def video_frame_count(path) -> int:
     "Frame count from the container header (0 when the container does not say)."
     import av
@@ -128,16 +151,17 @@ def resize_max_side(img: np.ndarray, max_side: int | None) -> np.ndarray:
     return cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
 
 def write_video(path, frames, fps: int = 10, crf: int = 1, codec: str | None = None, pix_fmt: str | None = None,
-                bit_rate: int = 20_000_000):
+                bit_rate: int = 20_000_000, options: dict | None = None):
     """Encode uint8 RGB frames to `path` with PyAV (the container follows the file extension). Default: H.264 4:4:4
     at constant quality `crf` (0 = lossless), or MPEG-4 at `bit_rate` where libx264 is missing; `codec` and
-    `pix_fmt` choose others (e.g. 'libvpx-vp9' for .webm, 'ffv1' for lossless .mkv), at `bit_rate` unless H.264."""
+    `pix_fmt` choose others (e.g. 'libvpx-vp9' for .webm, 'ffv1' for lossless .mkv), at `bit_rate` unless H.264;
+    `options` go to the muxer (e.g. {'movflags': 'faststart'}: an mp4 with its index at the front)."""
     import av
     frames = [np.asarray(f) for f in frames]
     if not frames: raise ValueError('write_video needs at least one frame')
     h, w = frames[0].shape[:2]
     if codec is None: codec = 'libx264' if 'libx264' in av.codecs_available else 'mpeg4'
-    with av.open(str(path), 'w') as c:
+    with av.open(str(path), 'w', options=dict(options or {})) as c:
         st = c.add_stream(codec, rate=fps)
         st.pix_fmt = pix_fmt or ('yuv444p' if codec == 'libx264' else 'yuv420p')
         if codec == 'libx264': st.options = {'crf': str(crf)}
@@ -255,7 +279,7 @@ class _PairWriter:
     def row(self, i, j, h, w):
         img_rel, flow_rel = _pair_paths(self.out, self.src, i, j, self.t['image_format'])
         r = dict(image=img_rel, flow=flow_rel, source=self.src.path, source_id=self.src.sid, kind=self.src.kind,
-                 frame1=i, frame2=j, height=int(h), width=int(w), estimator=self.t['estimator_name'])
+                 frame1=i, frame2=j, height=int(h), width=int(w), estimator=self.t['estimator_name'], **self.src.stamp())
         if self.src.kind == 'frames': r.update(frame1_file=self.src.frames[i], frame2_file=self.src.frames[j])
         return r
     def status(self, i, j):
@@ -282,8 +306,10 @@ def process_source(task: dict, est, emit):
     "Make the pairs of `task['source']` not yet in `task['done']`, reporting through `emit` (see above)."
     src, G, S, ms = task['source'], task['frame_gap'], task['sample_every'], task['max_side']
     w = _PairWriter(task, est, emit)
+    short = lambda n: emit('short', f"{n} frame{'' if n == 1 else 's'}: no pair (a pair needs {G + 1} frames at frame gap {G})")
     if src.kind == 'frames':
         pairs = frame_pairs(len(src.frames), G, S); emit('total', len(pairs))
+        if not pairs: short(len(src.frames))
         load = lambda k: resize_max_side(load_image(Path(src.path)/src.frames[k]), ms)
         cache = {}
         for i, j in pairs:
@@ -294,9 +320,11 @@ def process_source(task: dict, est, emit):
             cache = {j: load(j)}
             w.add(i, j, im1, cache[j])
     else:
-        emit('total', len(frame_pairs(video_frame_count(src.path), G, S)))
-        starts = {}                                   # pair start -> frame to compute, or ('ready', status)
+        expected, how = video_expected_frames(src.path)
+        emit('total', len(frame_pairs(expected, G, S)))
+        starts, n = {}, 0                             # pair start -> frame to compute, or ('ready', status)
         for j, frame in iter_video_frames(src.path):
+            n = j + 1
             if j % S == 0:
                 st = w.status(j, j + G)
                 starts[j] = resize_max_side(frame, ms) if st is None else ('ready', st)
@@ -306,6 +334,10 @@ def process_source(task: dict, est, emit):
                 if isinstance(first, np.ndarray): w.add(i, j, first, resize_max_side(frame, ms))
                 elif first[1] == 'done': emit('skip', 1)
                 else: emit('row', (w.row(i, j, *first[1]), True))
+        slack = 0 if how.startswith('the frame count') else 1        # a duration rounds to within a frame
+        if n < expected - slack:
+            emit('incomplete', f'decoded {n} of {expected} frames ({how}): {expected - n} missing, cut off or damaged?')
+        if n < G + 1: short(n)
     w.flush()
 
 # %% ../nbs/04d_prepare.ipynb #510c9be0
@@ -336,6 +368,7 @@ class _Run:
         self.f = open(manifest, 'a', encoding='utf-8')
         self.written = self.skipped = self.recovered = 0
         self.failed, self.completed, self.tasks = [], set(), {}
+        self.incomplete, self.short = {}, {}              # task id -> (path, what): once per source, retries too
     def handle(self, tid, kind, payload):
         t = self.tasks[tid[0]]
         if kind == 'total': self.pbar.total = (self.pbar.total or 0) + payload; self.pbar.refresh()
@@ -348,15 +381,19 @@ class _Run:
             have.add(_key(row)[1:]); self.pbar.update(1)
             if recovered: self.recovered += 1
             else: self.written += 1
+        elif kind in ('incomplete', 'short'):
+            book = self.incomplete if kind == 'incomplete' else self.short
+            if t['tid'] not in book:
+                book[t['tid']] = (t['source'].path, payload)
+                self.log(f"{'INCOMPLETE' if kind == 'incomplete' else 'TOO SHORT'} {t['source'].path}: {payload}")
         elif kind == 'end': self.end(t, payload)
     def end(self, t, err):
         if t['tid'] in self.completed: return
         self.completed.add(t['tid']); src = t['source']
-        if err is None:
-            n = len(self.done.get(src.sid, ()))
-            atomic_write(self.out/'.done'/f'{src.sid}.json', lambda p: Path(p).write_text(json.dumps({'pairs': n})), t['tag'])
-        else:
-            self.failed.append((src.path, err)); self.log(f'FAILED {src.path}: {err}')
+        if err is not None: self.failed.append((src.path, err)); self.log(f'FAILED {src.path}: {err}')
+        elif t['tid'] not in self.incomplete:                     # an incomplete source is looked at again next time
+            mark = json.dumps({'pairs': len(self.done.get(src.sid, ())), **src.stamp()})
+            atomic_write(self.out/'.done'/f'{src.sid}.json', lambda p: Path(p).write_text(mark), t['tag'])
     def close(self): self.f.close()
 
 # %% ../nbs/04d_prepare.ipynb #074f1c36
@@ -429,6 +466,21 @@ def _check_config(out: Path, cfg: dict):
     else: atomic_write(p, lambda t: Path(t).write_text(json.dumps(cfg, indent=1)), 'config')
 
 # %% ../nbs/04d_prepare.ipynb #fbd313ab
+def _forget_changed_sources(out: Path, mine, manifest: Path, tag: str) -> list:
+    "Drop the rows, files and marker of every source whose size or mtime differs from what its rows recorded; their paths."
+    stamp = {s.sid: s.stamp() for s in mine}
+    files = [p for p in dict.fromkeys([manifest, out/'manifest.jsonl']) if p.exists()]
+    rows = {p: read_manifest(p) for p in files}
+    old = lambda r: r['source_id'] in stamp and 'source_nbytes' in r and \
+                    {k: r.get(k) for k in stamp[r['source_id']]} != stamp[r['source_id']]
+    gone = {r['source_id'] for rs in rows.values() for r in rs if old(r)}
+    for p, rs in rows.items():
+        if p == manifest or gone: write_manifest(p, [r for r in rs if r['source_id'] not in gone], tag)
+    for sid in gone:
+        for sub in ('images', 'flows'): shutil.rmtree(out/sub/sid, ignore_errors=True)
+        (out/'.done'/f'{sid}.json').unlink(missing_ok=True)
+    return [s.path for s in mine if s.sid in gone]
+
 def prepare(inputs, out, *, estimator='dis', estimator_kw: dict | None = None, frame_gap: int = 3,
             sample_every: int | None = None, max_side: int | None = None, image_format: str = 'png',
             jpeg_quality: int = 95, workers: int = 1, batch_size: int = 4, rank: int | None = None,
@@ -463,7 +515,7 @@ def prepare(inputs, out, *, estimator='dis', estimator_kw: dict | None = None, f
     rank_done.unlink(missing_ok=True)
     # resume: rebuild this rank's manifest, gather the done pairs of every manifest, drop own temp files
     n_tmp = remove_temp_files([out/sub/s.sid for s in mine for sub in ('images', 'flows')] + [out, out/'.done', out/'.ranks'], tag)
-    write_manifest(manifest, read_manifest(manifest), tag)
+    changed = _forget_changed_sources(out, mine, manifest, tag)
     done = {_key(r) for p in [out/'manifest.jsonl', *out.glob('manifest.rank*.jsonl')] for r in read_manifest(p)}
     pbar = tqdm(total=0, unit='pair', desc=f'rank {rank}/{world_size}' if world_size > 1 else 'pairs',
                 disable=not progress, dynamic_ncols=True)
@@ -473,9 +525,9 @@ def prepare(inputs, out, *, estimator='dis', estimator_kw: dict | None = None, f
         have = run.done.get(s.sid, set())
         marker = out/'.done'/f'{s.sid}.json'
         if marker.exists():
-            try: n = json.loads(marker.read_text())['pairs']
-            except (ValueError, KeyError): n = -1
-            if n == len(have):
+            try: m = json.loads(marker.read_text()); n, same = m['pairs'], all(m.get(k) == v for k, v in s.stamp().items())
+            except (ValueError, KeyError, TypeError): n, same = -1, False
+            if n == len(have) and same:
                 run.skipped += n; n_marked += 1; pbar.total += n; pbar.update(n); continue
         t = dict(tid=k, source=s, done=frozenset(have), out=str(out), frame_gap=frame_gap, sample_every=S,
                  max_side=max_side, image_format=image_format, jpeg_quality=jpeg_quality, batch_size=batch_size,
@@ -491,6 +543,7 @@ def prepare(inputs, out, *, estimator='dis', estimator_kw: dict | None = None, f
     summary = dict(rank=rank, world_size=world_size, sources=len(mine), sources_total=len(sources),
                    sources_skipped=n_marked, pairs_written=run.written, pairs_recovered=run.recovered,
                    pairs_skipped=run.skipped, failed=run.failed, ignored=ignored, temp_files_removed=n_tmp,
+                   incomplete=list(run.incomplete.values()), too_short=list(run.short.values()), changed=changed,
                    manifest=str(manifest))
     atomic_write(rank_done, lambda p: Path(p).write_text(json.dumps(summary)), tag)
     if all((out/'.ranks'/f'rank{r:05d}-of-{world_size:05d}').exists() for r in range(world_size)):
@@ -523,7 +576,7 @@ def _parser():
     p.add_argument('--jpeg-quality', type=int, default=95)
     p.add_argument('--workers', type=int, default=1, help='worker processes on this rank (default 1: in-process)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
-    p.add_argument('--strict', action='store_true', help='exit 1 when any input failed')
+    p.add_argument('--strict', action='store_true', help='exit 1 when any input failed or decoded fewer frames than its container says')
     p.add_argument('--merge', action='store_true', help='only merge the rank manifests of --out into manifest.jsonl')
     return p
 
@@ -533,8 +586,11 @@ def _print_summary(s, out=None):
     w = f"rank {s['rank']}/{s['world_size']}: " if s['world_size'] > 1 else ''
     print(f"cmp_prepare: {w}{s['sources']} sources ({s['sources_skipped']} already complete), "
           f"pairs written {s['pairs_written']}, skipped (done before) {s['pairs_skipped']}, "
-          f"recovered {s['pairs_recovered']}, failed files {len(s['failed'])}", file=out)
+          f"recovered {s['pairs_recovered']}, incomplete files {len(s['incomplete'])}, failed files {len(s['failed'])}", file=out)
     for path, err in s['failed']: print(f'  failed: {path}: {err}', file=out)
+    for path, what in s['incomplete']: print(f'  incomplete: {path}: {what}', file=out)
+    for path, what in s['too_short']: print(f'  too short: {path}: {what}', file=out)
+    for path in s['changed']: print(f'  changed since the last run (size or modification time), redone: {path}', file=out)
     if s['ignored']: print(f"  ignored (neither video nor image): {len(s['ignored'])}, e.g. {s['ignored'][0]}", file=out)
     print(f"  manifest: {s.get('merged', s['manifest'])} ({s['rows']} rows)", file=out)
 
@@ -558,7 +614,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f'cmp_prepare: error: {e}', file=sys.stderr); return 2
     _print_summary(s)
-    return 1 if args.strict and s['failed'] else 0
+    return 1 if args.strict and (s['failed'] or s['incomplete']) else 0
 
 # %% ../nbs/04d_prepare.ipynb #8410764e
 #| eval: false

@@ -75,9 +75,13 @@ class Propagator:
         img = load_image(image)
         self.image = img
         H, W = img.shape[:2]
-        self.in_size = model_size(H, W, self.max_side, self.multiple)
+        self.content_size = model_size(H, W, self.max_side, self.multiple)       # the image, resized
+        lo = int(getattr(self.model, 'min_size', self.multiple))
+        self.in_size = tuple(max(s, lo) for s in self.content_size)              # ... padded to what the model takes
         t = image_to_tensor(img, device=self.device)
-        if self.in_size != (H, W): t = F.interpolate(t, size=self.in_size, mode='bilinear', align_corners=False)
+        if self.content_size != (H, W): t = F.interpolate(t, size=self.content_size, mode='bilinear', align_corners=False)
+        if self.in_size != self.content_size:                                     # long, narrow image: pad bottom/right
+            t = F.pad(t, (0, self.in_size[1] - self.content_size[1], 0, self.in_size[0] - self.content_size[0]), mode='replicate')
         self.features = self.model.encode(t)
         return self
 
@@ -92,17 +96,20 @@ class Propagator:
         out = (p[:, 0] < 0) | (p[:, 0] > W - 1) | (p[:, 1] < 0) | (p[:, 1] > H - 1)
         if out.any():
             raise ValueError(f'guidance points outside the {W}x{H} image (x, y): {p[out, :2].tolist()}')
-        h, w = self.in_size
+        far = (np.abs(p[:, 2:]) > 1e6).any(1)                  # would overflow float32 in the model: not a motion
+        if far.any(): raise ValueError(f'guidance vectors longer than 1e6 px (x, y, u, v): {p[far].tolist()}')
+        h, w = self.content_size
         sx, sy = w / W, h / H
         q = p * np.array([sx, sy, sx, sy], np.float32)
         q[:, 0] = np.clip(np.round(q[:, 0]), 0, w - 1); q[:, 1] = np.clip(np.round(q[:, 1]), 0, h - 1)
-        return points_to_sparse(q, (h, w))[None].to(self.device)
+        return points_to_sparse(q, self.in_size)[None].to(self.device)
 
     def _decode(self, logits: torch.Tensor) -> np.ndarray:
         dec = logits_to_flow if self.decode == 'softmax' else logits_to_flow_argmax
         flow = dec(logits.float(), self.nbins, self.fmax)   # (N,2,h',w') in model-input pixels
         H, W = self.image.shape[:2]
-        h, w = self.in_size
+        h, w = self.content_size
+        flow = flow[..., :h, :w]                              # the padding (long, narrow images) is not the image
         flow = F.interpolate(flow, size=(H, W), mode='bilinear', align_corners=True)
         flow = flow * torch.tensor([W / w, H / h], device=flow.device).view(1, 2, 1, 1)
         return flow.permute(0, 2, 3, 1).cpu().numpy()

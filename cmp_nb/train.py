@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 
-from .config import load_config, save_config, build_optimizer, base_lr, valid_keys
+from .config import load_config, save_config, check_config, build_optimizer, base_lr, valid_keys
 from .checkpoint import (Checkpoints, ResumableBatchSampler, SeededSamples, load_checkpoint, atomic_save,
                                rng_state, set_rng_state, seed_everything, sample_seed)
 from .flow import flow_to_color, tensor_to_image
@@ -24,12 +24,12 @@ from .model import build_model
 from .losses import DiscreteFlowLoss, logits_to_flow
 
 # %% auto #0
-__all__ = ['AMP_DTYPES', 'DistInfo', 'pick_device', 'setup_distributed', 'all_reduce_mean', 'DistBatchNorm2d', 'convert_sync_bn',
-           'build_datasets', 'collate', 'MapBatches', 'ShardBatches', 'make_loader', 'autocast_for', 'make_scaler',
-           'unwrap', 'build_train_model', 'wrap_model', 'batch_to_device', 'check_finite', 'train_step',
-           'nearest_guidance_flow', 'predict_flow', 'evaluate', 'draw_guidance_np', 'flow_panel', 'StopRequest',
-           'gather_states', 'training_state', 'restore_training_state', 'export_weights', 'train',
-           'to_torchvision_resnet', 'export_encoder', 'export_encoder_main', 'main']
+__all__ = ['AMP_DTYPES', 'NO_RESUME', 'RUN_FILES', 'DistInfo', 'pick_device', 'setup_distributed', 'all_reduce_mean',
+           'DistBatchNorm2d', 'convert_sync_bn', 'build_datasets', 'collate', 'MapBatches', 'ShardBatches',
+           'make_loader', 'autocast_for', 'make_scaler', 'unwrap', 'build_train_model', 'wrap_model', 'batch_to_device',
+           'check_finite', 'train_step', 'nearest_guidance_flow', 'predict_flow', 'evaluate', 'draw_guidance_np',
+           'flow_panel', 'StopRequest', 'gather_states', 'training_state', 'restore_training_state', 'RunDirInUse',
+           'export_weights', 'train', 'to_torchvision_resnet', 'export_encoder', 'export_encoder_main', 'main']
 
 # %% ../nbs/05_train.ipynb #c006
 @dataclass
@@ -432,9 +432,44 @@ def restore_training_state(state: dict, model, opt, sched, scaler, cfg: dict, in
     return int(state['iteration']), data_state
 
 # %% ../nbs/05_train.ipynb #c034
+NO_RESUME = (None, '', 'none', 'no', False)
+RUN_FILES = ('config.yaml', 'metrics.jsonl', 'model.pt', 'summary.json', 'tb')
+
+class RunDirInUse(ValueError):
+    "A fresh run was started in a run directory that already holds another run."
+
+def _run_dir_contents(run_dir: Path, ckpts: Checkpoints) -> list[str]:
+    "What an earlier run left in `run_dir` (file names, number of checkpoints); empty for an unused folder."
+    found = [n for n in RUN_FILES if (run_dir / n).exists()]
+    n = len(ckpts.list())
+    return found + ([f'{n} checkpoint{"s" if n > 1 else ""}'] if n else [])
+
+def _claim_run_dir(run_dir: Path, ckpts: Checkpoints, C: dict, info: DistInfo):
+    "A fresh run needs an unused run dir; with ckpt.overwrite rank 0 first deletes the old run's files. Agreed by all processes."
+    if C['resume'] not in NO_RESUME: return
+    found = _run_dir_contents(run_dir, ckpts)
+    used = bool(found)
+    if info.distributed:                                  # every process must stop, not only those that see the files
+        t = torch.tensor([int(used)], dtype=torch.int64, device=info.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX); used = bool(t.item())
+    if not used: return
+    if not C.get('overwrite', False):
+        raise RunDirInUse(f"run dir {run_dir} already holds a run ({', '.join(found) or 'seen by another process'}). "
+                          f"Continue it with --resume auto (ckpt.resume=auto), start over in it with --overwrite "
+                          f"(ckpt.overwrite=true: deletes its checkpoints, weights and logs), or give another --run-dir")
+    if info.is_main:
+        import shutil
+        for n in RUN_FILES:
+            p = run_dir / n
+            if p.is_dir(): shutil.rmtree(p)
+            elif p.exists(): p.unlink()
+        for _, p in ckpts.list(): p.unlink(missing_ok=True)
+        print(f"cmp_train: --overwrite: removed the earlier run's files from {run_dir} ({', '.join(found)})", flush=True)
+    if info.distributed: dist.barrier()
+
 def _resume_state(resume, ckpts: Checkpoints, info: DistInfo):
     "The checkpoint dict to resume from (or None) for ckpt.resume = None | 'auto' | path."
-    if resume in (None, '', 'none', 'no', False): return None
+    if resume in NO_RESUME: return None
     if resume == 'auto':
         state, path = ckpts.latest()
         if state is None:
@@ -463,6 +498,11 @@ def export_weights(checkpoint, out, half: bool = False) -> Path:
     return atomic_save({'preset': ck['preset'], 'model_kwargs': dict(ck.get('model_kwargs', {})), 'model': sd,
                         'iteration': int(ck.get('iteration', 0)), 'config': ck.get('config')}, out)
 
+def _json_number(v):
+    "A metric for strict JSON: floats that are not finite (nan, inf) become None (JSON null)."
+    v = float(v) if isinstance(v, (float, np.floating)) or torch.is_tensor(v) else v
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
 class _Log:
     "Rank-0 outputs: console lines, metrics.jsonl, TensorBoard (optional)."
     def __init__(self, cfg: dict, run_dir: Path, start: int, enabled: bool):
@@ -487,7 +527,8 @@ class _Log:
 
     def scalars(self, it: int, values: dict, prefix: str):
         if not self.enabled: return
-        self.metrics.write(json.dumps({'iter': it, **{f'{prefix}/{k}': v for k, v in values.items()}}) + '\n'); self.metrics.flush()
+        row = {'iter': it, **{f'{prefix}/{k}': _json_number(v) for k, v in values.items()}}
+        self.metrics.write(json.dumps(row, allow_nan=False) + '\n'); self.metrics.flush()
         if self.tb is not None:
             for k, v in values.items(): self.tb.add_scalar(f'{prefix}/{k}', v, it)
 
@@ -503,6 +544,7 @@ class _Log:
 # %% ../nbs/05_train.ipynb #c035
 def train(cfg: dict) -> dict:
     "Run (or resume) the training described by a resolved config. Returns a summary dict."
+    cfg = check_config(cfg, 'the config given to train()')
     stop = StopRequest()                      # first: a SIGTERM during start-up is caught and ends the run cleanly
     try: return _train(cfg, stop)
     finally: stop.close()
@@ -519,6 +561,7 @@ def _train(cfg: dict, stop: StopRequest) -> dict:
     elif info.device.type == 'cuda': torch.backends.cudnn.benchmark = True
     run_dir = Path(C['run_dir']); ckpts = Checkpoints(run_dir, C['keep'])
     if info.is_main: run_dir.mkdir(parents=True, exist_ok=True); ckpts.clean_temp()
+    _claim_run_dir(run_dir, ckpts, C, info)
 
     seed_everything(T['seed'])                                  # the same initial weights on every process
     model = build_train_model(cfg, info)
@@ -604,7 +647,8 @@ def export_encoder(checkpoint, out, torchvision_out=None) -> dict:
     "Write the image encoder of a cmp_train checkpoint (and for ResNet-50 a torchvision resnet50 state dict)."
     from cmp_nb.propagator import load_model
     from cmp_nb.flow import IMAGE_MEAN, IMAGE_STD
-    model = load_model(checkpoint)
+    if not Path(checkpoint).is_file(): raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
+    model = load_model(checkpoint)      # an empty, truncated or corrupt file is a ValueError naming it
     enc = model.image_encoder
     sd = {k: v.detach().clone() for k, v in enc.state_dict().items()}
     out = Path(out)
@@ -631,7 +675,7 @@ def export_encoder_main(argv=None) -> int:
     if not src.exists(): p.error(f'checkpoint not found: {src}')
     out = Path(a.out) if a.out else src.with_name('encoder.pt')
     try: written = export_encoder(src, out, a.torchvision)
-    except ValueError as e: p.error(str(e))
+    except (ValueError, FileNotFoundError) as e: p.error(str(e))
     for k, v in written.items(): print(f'cmp_export_encoder: {k} -> {v}')
     return 0
 
@@ -644,19 +688,23 @@ def main(argv=None) -> int:
     p.add_argument('--config', '-c', help='YAML config file, e.g. configs/quickstart.yaml (defaults if omitted)')
     p.add_argument('--resume', help="'auto' (newest valid checkpoint in the run dir) or a checkpoint path")
     p.add_argument('--run-dir', help='where checkpoints, logs and the resolved config go (= ckpt.run_dir)')
+    p.add_argument('--overwrite', action='store_true', help="start over in a run dir that holds a run: delete its "
+                   "checkpoints, weights and logs first (= ckpt.overwrite=true); without it such a run dir is refused")
     p.add_argument('--print-config', action='store_true', help='print the resolved config and exit')
     p.add_argument('overrides', nargs='*', metavar='key=value', help='config overrides, e.g. train.iters=200')
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)                 # key=value items may come before, between and after options
     try:
         cfg = load_config(a.config, a.overrides)
     except (ValueError, FileNotFoundError) as e: p.error(str(e))
     if a.run_dir: cfg['ckpt']['run_dir'] = a.run_dir
     if a.resume: cfg['ckpt']['resume'] = a.resume
+    if a.overwrite: cfg['ckpt']['overwrite'] = True
     if a.print_config:
         import yaml
         print(yaml.safe_dump(cfg, sort_keys=False), end='')
         return 0
     try: result = train(cfg)
+    except RunDirInUse as e: p.error(str(e))
     finally:
         if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
     return 128 + int(result['signal']) if result['signal'] else 0

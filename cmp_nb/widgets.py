@@ -284,7 +284,7 @@ class FlowCanvas(anywidget.AnyWidget):
         self._publish_lock = threading.RLock()               # new edits vs. checking + publishing a result
         self._pending, self._busy, self._latest, self._closed = None, False, 0, False
         self._worker = None
-        self.stats = dict(requests=0, computed=0, skipped=0, dropped=0, stale=0, errors=0)
+        self.stats = dict(requests=0, computed=0, skipped=0, dropped=0, rewound=0, errors=0)
         self.error = None
         self.result = None                                  # latest result picture (uint8, display size)
         self.observe(self._on_seq, names='seq')
@@ -333,11 +333,14 @@ def set_image(self, image) -> 'FlowCanvas':
 def _on_seq(self, change):
     seq = int(change['new'])
     with self._publish_lock:                   # waits while a result is being checked + published
-        if seq <= self._latest:
-            self.stats['stale'] += 1; return
-        self._latest = seq
-        self.stats['requests'] += 1
-        req = (seq, [list(e) for e in self.edits])
+        rewound = seq <= self._latest
+        if rewound: self.stats['rewound'] += 1
+        else:
+            self._latest = seq
+            self.stats['requests'] += 1
+            req = (seq, [list(e) if isinstance(e, (list, tuple)) else e for e in self.edits])   # bad items: split_edits says so
+    if rewound:                                # renumber: this re-enters _on_seq with a newer seq and the same edits
+        self.seq = self._latest + 1; return
     if not self.threaded: return self._run(req)
     with self._cond:
         if self._pending is not None: self.stats['skipped'] += 1

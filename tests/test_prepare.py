@@ -268,3 +268,41 @@ def test_dangling_symlink_is_counted_not_fatal(alley, tmp_path):
         rows = read_rows(out / 'manifest.jsonl')
         assert [(x['frame1'], x['frame2']) for x in rows] == [(0, 1), (1, 2), (2, 3)]
         assert all(x['source'] == str(d / 'good.mp4') for x in rows)
+
+
+def test_cut_off_replaced_and_single_frame_videos(alley, tmp_path):
+    """A video cut in half still decodes, only shorter: cmp_prepare names it as incomplete with the gap, counts it,
+    does not mark it complete (--strict: exit 1); replaced by the whole video it is redone; one frame is reported."""
+    small = [f[::4, ::4].copy() for f in alley['frames']]
+    frames = [np.roll(small[k % 4], 2 * k, axis=1) for k in range(24)]
+    whole = tmp_path / 'whole'; whole.mkdir()
+    full = {'clip.mkv': write_video(whole / 'clip.mkv', frames, codec='ffv1', pix_fmt='yuv444p'),      # duration in the header
+            'front.mp4': write_video(whole / 'front.mp4', frames, options={'movflags': 'faststart'})}  # index at the front
+    d = tmp_path / 'videos'; d.mkdir()
+    for name, p in full.items(): (d / name).write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+    write_video(d / 'one.mp4', frames[:1])
+    args = [d, '--out', tmp_path / 'out', '--frame-gap', '1', '--no-progress']
+    r = run_cli(*args, '--strict')
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert 'incomplete files 2, failed files 0' in r.stdout, r.stdout
+    for name in full:
+        line = next(l for l in r.stdout.splitlines() if l.startswith(f'  incomplete: {d / name}: decoded '))
+        n = int(line.split('decoded ')[1].split()[0])
+        assert 0 < n < 24 and 'of 24 frames' in line and f'{24 - n} missing' in line, line
+        assert name in r.stderr                                         # named when it happened, too
+    assert f'  too short: {d / "one.mp4"}: 1 frame: no pair' in r.stdout
+    cut_rows = len(read_rows(tmp_path / 'out' / 'manifest.jsonl'))
+    assert 0 < cut_rows < 2 * 23
+    r = run_cli(*args)                                                  # same files: still incomplete, nothing redone
+    assert r.returncode == 0 and '(1 already complete)' in r.stdout and 'incomplete files 2' in r.stdout, r.stdout
+    assert 'pairs written 0' in r.stdout
+    for name, p in full.items(): shutil.copy(p, d / name)              # the whole videos replace the cut ones
+    r = run_cli(*args, '--strict')
+    assert r.returncode == 0 and 'incomplete files 0' in r.stdout, r.stdout
+    assert all(f'redone: {d / name}' in r.stdout for name in full), r.stdout
+    rows = read_rows(tmp_path / 'out' / 'manifest.jsonl')
+    for name in full:
+        assert sorted(x['frame1'] for x in rows if x['source'] == str(d / name)) == list(range(23)), name
+    assert len(rows) == len(keys(rows)) == 2 * 23
+    r = run_cli(*args)
+    assert '(3 already complete), pairs written 0' in r.stdout, r.stdout

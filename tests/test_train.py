@@ -169,17 +169,62 @@ def _torchrun(run_dir, *extra, nproc=2):
     return p
 
 
+# Float32 unit roundoff: the relative error of one rounding.
+U32 = 2.0 ** -24
+
+
+def _ddp_divergence(one, two, w0, tol):
+    """Per tensor, max |two - one| / what the float32 arithmetic allows (<= 1: within tolerance).
+
+    Rounding errors of a float32 sum computed in another order are bounded by a multiple of the sum of the
+    *magnitudes* of its terms, not of its result: an element that is small because large terms cancel
+    (a BatchNorm mean near zero, a weight that moved little) carries the absolute error of the whole sum.
+    So a difference is measured against the scale of what was summed, per tensor, times `tol`:
+    - weights: the size of the 6 updates, max |w_6 - w_0| (both runs start from the same w_0 and differ only in
+      how their gradients were summed);
+    - BatchNorm running_mean: the activations' RMS, max sqrt(running_var + running_mean^2) (each step adds
+      0.1 x a batch mean whose error scales with the activations, not with the mean);
+    - running_var: max running_var (a mean of squares);
+    plus, for every float tensor, the rounding of the stored value: each of the 6 steps rounds it to float32
+    (at most U32 x |w| each, in either run), so 12 U32 max |w|. Integers (num_batches_tracked) must be equal.
+    The last term matters for the bias of a conv followed by BatchNorm: its true gradient is 0 (BatchNorm removes
+    any constant), so its whole "update" is rounding noise and weight decay."""
+    out = {}
+    for k, a in one.items():
+        b = two[k]
+        if not a.is_floating_point():
+            out[k] = 0.0 if torch.equal(a, b) else float('inf'); continue
+        a, b = a.double(), b.double()
+        if k.endswith('running_mean'): scale = (one[k[:-4] + 'var'].double() + a * a).sqrt().max()
+        elif k.endswith('running_var'): scale = a.abs().max()
+        else: scale = (a - w0[k].double()).abs().max()
+        allowed = tol * scale + 12 * U32 * a.abs().max()
+        out[k] = float((b - a).abs().max() / allowed.clamp_min(1e-30))
+    return out
+
+
 def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     """2 gloo processes x batch 2 with synchronised BatchNorm take the same steps as 1 process x batch 4.
 
     Same seed, same samples (each process takes its half of the global batch), gradients averaged by DDP,
-    BatchNorm statistics over the global batch: the losses must agree to float rounding. As a control, the
-    same 2-process run with per-process BatchNorm does NOT agree: the check can tell the difference.
+    BatchNorm statistics over the global batch: the two runs compute the same sums in a different order
+    (two half-batch sums all-reduced, instead of one), so they differ only by float32 rounding. As a control,
+    the same 2-process run with per-process BatchNorm does NOT agree: the check can tell the difference.
 
-    The learning rate is lowered to 0.005 for this check: a freshly initialised CMP is extremely sensitive in its
-    first steps at lr 0.05 (a 1e-6 relative change of the initial weights moves the first gradients by ~0.2%,
-    mostly through BatchNorm over the nearly empty sparse-motion maps), so float rounding differences between
-    any two ways of summing the same batch grow to ~1e-4 within 3 steps there, DDP or not."""
+    The tolerances follow from that arithmetic. One sum of n float32 terms in another order changes by at most
+    about n x U32 x (sum of |terms|), typically sqrt(n) x U32 x ...; the largest sums here (BatchNorm over
+    4 x 64 x 64 = 16384 pixels, the loss over 16384 pixels x 2 axes) give 128 x 6e-8 ~ 1e-5 relative, typically.
+    A freshly initialised CMP amplifies such differences in its first steps (at lr 0.05 a 1e-6 relative change
+    of the initial weights moves the first gradients by ~0.2%, mostly through BatchNorm over the nearly empty
+    sparse-motion maps), which is why lr is lowered to 0.005 here; over 6 steps, allow 10x that 1e-5: the loss
+    curves agree to 1e-4 relative. A weight is w_0 minus the (momentum-weighted) sum of 6 gradient steps, so its
+    difference is a fraction of the update w_6 - w_0: gradients are derivatives of the loss, more sensitive to
+    the same perturbation than the loss is (the 0.2% above), so allow 100x the loss tolerance, 1e-2 of the
+    update size. BatchNorm running stats are averages of batch statistics, which move with the activations:
+    1e-2 of their scale too. Per-process BatchNorm (the control) changes the loss by > 1e-3 and the weights by
+    more than 10x these tolerances."""
+    from cmp_nb.model import build_model
+    from cmp_nb.checkpoint import seed_everything
     short = ['train.iters=6', 'ckpt.every=100', 'optim.lr=0.005']
     _run(tmp_path / 'one', *short, 'train.batch_size=4')
     p = _torchrun(tmp_path / 'two', *short, 'train.batch_size=2', 'train.sync_bn=true')
@@ -187,13 +232,20 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     one, two = _losses(tmp_path / 'one'), _losses(tmp_path / 'two')
     assert sorted(one) == sorted(two) == list(range(1, 7))
     rel = [abs(one[i] - two[i]) / abs(one[i]) for i in one]
-    assert max(rel) < 1e-4, rel
+    seed_everything(0)                                   # train.seed of quickstart.yaml: the initial weights of both runs
+    w0 = build_model('small').state_dict()
     w1, w2 = _weights(tmp_path / 'one'), _weights(tmp_path / 'two')
-    for k in w1:
-        if w1[k].is_floating_point(): torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-4, msg=k)
+    div = _ddp_divergence(w1, w2, w0, tol=1e-2)
+    worst = sorted(div.items(), key=lambda kv: -kv[1])[:3]
+    print('DDP vs one process: loss rel', max(rel), 'worst tensors (difference / allowed)', worst)
+    assert max(rel) < 1e-4, rel
+    assert worst[0][1] <= 1, worst
     _torchrun(tmp_path / 'nosync', *short, 'train.batch_size=2', 'train.sync_bn=false')
     rel_nosync = [abs(one[i] - v) / abs(one[i]) for i, v in _losses(tmp_path / 'nosync').items()]
+    div_nosync = _ddp_divergence(w1, _weights(tmp_path / 'nosync'), w0, tol=1e-2)
+    print('per-process BN: loss rel', max(rel_nosync), 'worst (difference / allowed)', max(div_nosync.values()))
     assert max(rel_nosync) > 1e-3 > 10 * max(rel), (rel_nosync, rel)
+    assert max(div_nosync.values()) > 10, 'the weight check cannot tell per-process BatchNorm from synchronised'
 
 
 # cmp_train with a fault injected, for the tests below: CMP_TEST_FAULT=nan_on_rank1 makes rank 1's loss nan from
@@ -363,3 +415,36 @@ def test_torch_compile_on_cpu(tmp_path):
     assert all(abs(le[i] - lc[i]) <= 1e-3 * abs(le[i]) for i in le), (le, lc)
     wc = _weights(tmp_path / 'compiled')
     assert not any(k.startswith('_orig_mod.') for k in wc), 'the compiled wrapper leaked into the saved weights'
+
+
+def test_used_run_dir_refused_then_overwrite(tmp_path):
+    "A fresh run in a run dir that holds a run exits 2 naming --resume and --overwrite, changing nothing; --overwrite starts over."
+    _run(tmp_path, 'train.iters=2')
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*') if p.is_file()}
+    p = subprocess.run(_cmd(tmp_path, 'train.iters=3'), capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert 'already holds a run' in p.stderr and '--resume auto' in p.stderr and '--overwrite' in p.stderr, p.stderr
+    assert 'Traceback' not in p.stderr
+    assert {q: q.stat().st_mtime_ns for q in tmp_path.rglob('*') if q.is_file()} == before
+    p = _run(tmp_path, 'train.iters=3', '--overwrite')
+    assert 'removed the earlier run' in p.stdout
+    assert sorted(_losses(tmp_path)) == [1, 2, 3] and _checkpoint_iterations(tmp_path) == [3]   # the old run's ckpt 2 is gone
+    assert torch.load(tmp_path / 'model.pt', weights_only=True)['iteration'] == 3
+
+
+@pytest.mark.parametrize('bad,key', [('optim.lr=nan', 'optim.lr'), ('train.batch_size=0', 'train.batch_size')])
+def test_out_of_range_values_refused_before_running(tmp_path, bad, key):
+    "Overrides anywhere on the line (here after --run-dir); an impossible value exits 2 before a run dir exists."
+    p = subprocess.run(_cmd(tmp_path / 'run', bad), capture_output=True, text=True, env=_env(), timeout=120, cwd=ROOT)
+    assert p.returncode == 2 and repr(key) in p.stderr and 'out of range' in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / 'run').exists()
+
+
+def test_export_encoder_names_a_bad_file(reference, tmp_path):
+    (tmp_path / 'empty.pt').write_bytes(b'')
+    (tmp_path / 'cut.pt').write_bytes((reference / 'model.pt').read_bytes()[:20000])
+    for name in ('empty.pt', 'cut.pt'):
+        p = subprocess.run([str(BIN / 'cmp_export_encoder'), str(tmp_path / name)], capture_output=True, text=True,
+                           env=_env(), cwd=ROOT, timeout=120)
+        assert p.returncode == 2, p.stderr
+        assert f'model file {tmp_path / name} is ' in p.stderr and 'Traceback' not in p.stderr, p.stderr

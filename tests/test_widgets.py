@@ -118,16 +118,24 @@ def test_any_image_size(prop, size):
     assert from_data_url(c.result_url).shape == (dh, dw, 3) and abs(dh / dw - H / W) < 0.05
 
 
-def test_stale_and_bad_messages(prop, image):
+def test_rewound_and_bad_messages(prop, image):
     c = FlowCanvas(prop, image, threaded=False)
     drag(c, 150, 60, 170, 55)
     shown = c.shown_seq
-    browser_update(c, edits=[['static', 1, 1, 1, 1]], seq=shown - 1)   # late / out of order
-    assert c.shown_seq == shown and c.stats['stale'] == 1
-    browser_update(c, edits=[['arrow', 400, 10, 410, 10]], seq=shown + 1)
-    assert 'error' in c.status and 'outside' in c.status
-    browser_update(c, edits=[['wiggle', 1, 1, 1, 1]], seq=shown + 2)
-    assert "unknown kind 'wiggle'" in c.status
+    browser_update(c, edits=[['static', 1, 1, 1, 1]], seq=shown - 1)   # seq went backwards (another view, a reload)
+    assert c.stats['rewound'] == 1 and c.seq == c.shown_seq == shown + 1 and c.status.startswith(f'#{shown + 1}: 0 arrows, 1 static')
+    for k in range(3):                                                # and the edits after it are not dropped either
+        click(c, 10 + k, 10)
+        assert c.shown_seq == c.seq and f'{k + 2} static' in c.status, c.status
+    browser_update(c, edits=[['arrow', 400, 10, 410, 10]], seq=c.seq + 1)
+    assert 'error' in c.status and 'outside' in c.status and c.shown_seq == c.seq
+    browser_update(c, edits=[['wiggle', 1, 1, 1, 1]], seq=c.seq + 1)
+    assert "unknown kind 'wiggle'" in c.status and c.shown_seq == c.seq
+    for bad in (5, None, 2.5, 'arrow', {'kind': 'arrow'}):              # an edit item that is not a list
+        n_err = c.stats['errors']
+        browser_update(c, edits=[bad], seq=c.seq + 1)
+        assert c.status.startswith(f'#{c.seq}: error: ValueError: edit 0 must be [kind, x0, y0, x1, y1]'), c.status
+        assert c.shown_seq == c.seq and c.stats['errors'] == n_err + 1
     browser_update(c, edits=[['arrow', 10, 10, 20, 20]], seq=c.seq + 1)   # still alive
     assert c.error is None and c.shown_seq == c.seq
 
