@@ -5,7 +5,7 @@ Protocol (RITM, SimpleClick; `cmp_nb.annotate.standard_click`): one object at a 
 as boundary), positive on a false negative, negative on a false positive. Metrics: NoC@80/85/90 (clicks to reach
 that IoU, `--clicks` if never), NoF@85/90 (objects that never do), mIoU after 1, 3, 5 clicks, the mIoU curve.
 
-Test sets (`cmp_nb.annotate.test_sets`, held-out seeds from ANNOTATION_SEED + 100), reported separately: whole
+Test sets (`cmp_nb.annotate.annotation_sets`, held-out seeds from ANNOTATION_SEED + 100), reported separately: whole
 objects and articulated parts of synthetic scenes, and objects pasted onto real photographs; exact masks.
 Methods on the same clicks: CMP (`load_propagator()`, the default model, at its training scale; or --weights),
 scikit-image random_walker, OpenCV GrabCut. s/click is the time per click of each method on this CPU (CMP: all
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmp_nb.annotate import annotation_benchmark, baselines, results_table, test_sets, CLICK_RULES, MAX_CLICKS
+from cmp_nb.annotate import annotation_benchmark, baselines, results_table, annotation_sets, CLICK_RULES, MAX_CLICKS
 from cmp_nb.propagator import load_propagator
 
 
@@ -45,7 +45,7 @@ def main(argv=None):
     rec = prop.model.record
     label = f"{getattr(rec.weights, 'name', None) or rec.source} (preset {rec.preset}, run at {prop.max_side} px)"
     segs = {'CMP': prop, **({} if a.no_baselines else baselines())}
-    sets = test_sets(a.scenes, (a.size, a.size), a.per_scene)
+    sets = annotation_sets(a.scenes, (a.size, a.size), a.per_scene)
     t0 = time.perf_counter()
     results = {k: annotation_benchmark(segs, sets[k], n_clicks=a.clicks, rule=a.rule) for k in a.sets.split(',')}
     print(f'model: {label}; rule {a.rule}; up to {a.clicks} clicks; {a.scenes} scenes per set at {a.size} px; '

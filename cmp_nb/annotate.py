@@ -20,9 +20,9 @@ from .widgets import FlowCanvas, split_edits, resize_image, _plural
 __all__ = ['DUMMY_PX', 'CLICK_RULES', 'MAX_CLICKS', 'ANNOTATION_SEED', 'PHOTO_SEED', 'directions', 'click_guidance', 'fuse_flows',
            'keep_clicked', 'negative_cut', 'default_magnitude', 'click_mask', 'iou', 'standard_click',
            'largest_region_click', 'CMPClicks', 'random_walker_mask', 'grabcut_mask', 'ImageClicks', 'baselines',
-           'simulate_clicks', 'click_metrics', 'synthetic_tasks', 'photo_tasks', 'test_sets', 'annotation_benchmark',
-           'results_table', 'save_mask', 'load_mask', 'mask_to_rle', 'rle_to_mask', 'coco_export', 'coco_load',
-           'overlay_mask', 'AnnotationCanvas']
+           'simulate_clicks', 'click_metrics', 'synthetic_tasks', 'photo_tasks', 'annotation_sets',
+           'annotation_benchmark', 'results_table', 'save_mask', 'load_mask', 'mask_to_rle', 'rle_to_mask',
+           'coco_export', 'coco_load', 'overlay_mask', 'AnnotationCanvas']
 
 # %% ../nbs/08_annotate.ipynb #cccb9fbe
 def directions(n: int = 8) -> np.ndarray:
@@ -305,7 +305,7 @@ def photo_tasks(n_scenes: int = 6, size=(256, 256), seed: int = PHOTO_SEED, n_ob
                   if (owner == i).mean() >= min_area]
     return tasks
 
-def test_sets(n_scenes: int = 6, size=(192, 192), per_scene: int = 2, seed: int = ANNOTATION_SEED + 100) -> dict:
+def annotation_sets(n_scenes: int = 6, size=(192, 192), per_scene: int = 2, seed: int = ANNOTATION_SEED + 100) -> dict:
     "The three held-out test sets, reported separately: whole objects, articulated parts, objects on real photographs."
     return {'objects': synthetic_tasks(n_scenes, size, seed, per_scene=per_scene),
             'parts': synthetic_tasks(n_scenes, size, seed, per_scene=per_scene, parts=True),

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest, torch
 
-from cmp_nb.annotate import click_mask, click_guidance, default_magnitude, photo_tasks, synthetic_tasks, test_sets
+from cmp_nb.annotate import click_mask, photo_tasks, synthetic_tasks
 from cmp_nb.baselines import deepest_point
 from cmp_nb.propagator import load_propagator
 
