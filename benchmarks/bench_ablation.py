@@ -20,9 +20,13 @@ from cmp_nb.baselines import (drag_iou, guided_epe, magnitude_error, measure_sce
                               figures_table, MEASURE_SEED)
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAIRS_OPTS = '{scene_kw: {object_area: [0.05, 0.4], max_shift: 40.0, static_camera: 0.4, degrade: true}, interactive: %s}'
-RUNS = {'chairs-sampler-400': ['train.iters=400', 'train.threads=1', 'data.options=' + CHAIRS_OPTS % 0],
-        'chairs-mixed-400': ['train.iters=400', 'train.threads=1', 'data.options=' + CHAIRS_OPTS % 0.5]}
+def _options(interactive: float) -> str:
+    "The data.options override of configs/base.yaml with another share of interactive-style guidance (JSON is YAML)."
+    from cmp_nb.config import load_config
+    return 'data.options=' + json.dumps({**load_config(ROOT / 'configs' / 'base.yaml')['data']['options'], 'interactive': interactive})
+
+RUNS = {'chairs-sampler-400': ['train.iters=400', 'train.threads=1', _options(0.0)],
+        'chairs-mixed-400': ['train.iters=400', 'train.threads=1', _options(0.5)]}
 SHIPPED = {'quickstart': ('data_samples/quickstart.pt', 'data_samples/quickstart_run/summary.json'),
            'default': ('data_samples/default.pt', 'data_samples/default_run/summary.json')}
 
