@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['REPO', 'WEIGHTS', 'DEFAULT_WEIGHTS', 'QUICKSTART', 'AUTHORS_SEMIAUTO', 'ENV_DIR', 'Weights', 'register_weights',
-           'list_weights', 'get_weights', 'WeightsNotAvailable', 'weights_dir', 'parse_hf', 'how_to_get',
-           'hub_download', 'weights_file', 'WeightsRecord', 'make_record']
+__all__ = ['REPO', 'WEIGHTS', 'DEFAULT_WEIGHTS', 'QUICKSTART', 'SMALL_CHAIRS', 'AUTHORS_SEMIAUTO', 'ENV_DIR', 'Weights',
+           'register_weights', 'list_weights', 'get_weights', 'WeightsNotAvailable', 'weights_dir', 'parse_hf',
+           'how_to_get', 'hub_download', 'weights_file', 'WeightsRecord', 'make_record']
 
 # %% ../nbs/03b_weights.ipynb #f338ce6d
 REPO = Path(__file__).resolve().parents[1] if '__file__' in globals() else Path('..').resolve()
@@ -66,7 +66,7 @@ class Weights:
 
 # %% ../nbs/03b_weights.ipynb #82e01382
 WEIGHTS: dict[str, Weights] = {}
-DEFAULT_WEIGHTS = 'quickstart'           # the entry `load_propagator()` and the name 'default' load
+DEFAULT_WEIGHTS = 'small-chairs'         # the entry `load_propagator()` and the name 'default' load
 
 def register_weights(w: Weights, replace: bool = False) -> Weights:
     "Add `w` to `WEIGHTS` under `w.name`; ValueError if the name is taken (unless `replace`)."
@@ -94,6 +94,15 @@ QUICKSTART = register_weights(Weights(
     file='data_samples/quickstart.pt', card='data_samples/quickstart.md',
     figures='data_samples/quickstart_run/summary.json#val',
     figures_note='validation EPE (px) on held-out synthetic scenes, with the zero-flow and nearest-guidance baselines'))
+
+SMALL_CHAIRS = register_weights(Weights(
+    name='small-chairs', description="cmp_nb's default model: the quickstart network trained on CHAIRS scenes with interactive-style guidance",
+    preset='small', train_crop=192, licence='Apache-2.0 (cmp_nb)',
+    trained_on=('CHAIRS-recipe synthetic scenes with exact flow (cmp_nb.synthetic.CHAIRS), 3600 iterations x 8 crops '
+                'of 192 px; guidance: half watershed + grid (K=31, G=80), half interactive-style (departs from the paper)'),
+    file='data_samples/default.pt', card='data_samples/default.md',
+    figures='data_samples/default_run/figures.json#model: default',
+    figures_note='cmp_nb.baselines figures (a)-(e) from benchmarks/bench_shipped.py; the baselines are in the same file'))
 
 AUTHORS_SEMIAUTO = register_weights(Weights(
     name='authors-semiauto', preset='resnet50-skip-official', train_crop=384, train_short_side=416,
