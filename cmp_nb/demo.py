@@ -14,6 +14,7 @@ from .config import load_config
 from .train import train, evaluate, build_datasets
 from .propagator import Propagator, load_model, show_prediction, as_points
 from .flow import flow_to_color
+from .baselines import deepest_point
 
 # %% auto #0
 __all__ = ['REPO', 'QUICKSTART_CONFIG', 'QUICKSTART_MODEL', 'PHOTO_DRAGS', 'arrow_sets', 'save_pictures', 'drag_photo', 'main']
@@ -24,13 +25,6 @@ QUICKSTART_CONFIG = REPO / 'configs' / 'quickstart.yaml'
 QUICKSTART_MODEL = REPO / 'data_samples' / 'quickstart.pt'
 
 # %% ../nbs/09_demo.ipynb #c009
-def _inner_point(mask: np.ndarray) -> tuple[int, int]:
-    "(x, y) of the pixel of `mask` farthest from its border."
-    from scipy.ndimage import distance_transform_edt
-    d = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    y, x = np.unravel_index(np.argmax(d), d.shape)
-    return int(x), int(y)
-
 def arrow_sets(scene_seed: int, size: int = 192, nms_ks: int = 31, grid_stride: int = 80) -> dict:
     "Image, true flow and named guidance point sets (x, y, u, v) for one synthetic scene."
     from cmp_nb.synthetic import make_clip
@@ -41,7 +35,7 @@ def arrow_sets(scene_seed: int, size: int = 192, nms_ks: int = 31, grid_stride: 
     sampled = np.concatenate([pts, flow[pts[:, 1], pts[:, 0]]], 1).astype(np.float32)
     ids, counts = np.unique(inst[inst > 0], return_counts=True)
     obj = inst == ids[np.argmax(counts)] if len(ids) else np.ones_like(inst, bool)
-    x, y = _inner_point(obj)
+    x, y = deepest_point(obj)
     g = grid_points((size, size), grid_stride)
     bg = g[~obj[g[:, 1], g[:, 0]] & (inst[g[:, 1], g[:, 0]] == 0)]
     static = np.concatenate([bg, np.zeros_like(bg)], 1).astype(np.float32)
