@@ -9,34 +9,16 @@ from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
 import torch
+from .core import atomic_write, is_temp_name
 
 # %% auto #0
 __all__ = ['REQUIRED_KEYS', 'atomic_save', 'rng_state', 'set_rng_state', 'seed_everything', 'sample_seed',
            'ResumableBatchSampler', 'seeded', 'SeededSamples', 'load_torch_file', 'load_checkpoint', 'Checkpoints']
 
 # %% ../nbs/05b_checkpoint.ipynb #c005
-def _fsync_dir(path: Path):
-    try: fd = os.open(path, os.O_RDONLY)
-    except OSError: return                      # e.g. platforms that cannot open directories
-    try: os.fsync(fd)
-    except OSError: pass
-    finally: os.close(fd)
-
 def atomic_save(obj, path) -> Path:
-    "torch.save `obj` to `path` via a temp file + fsync + os.replace, so `path` is never half-written."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        mask = os.umask(0); os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)                 # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    "torch.save `obj` to `path` through `cmp_nb.core.atomic_write`, so `path` is never half-written."
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 # %% ../nbs/05b_checkpoint.ipynb #c008
 def rng_state() -> dict:
@@ -157,7 +139,8 @@ class Checkpoints:
     def clean_temp(self):
         "Remove temp files left by a process killed while writing."
         if self.dir.exists():
-            for p in self.dir.glob('.ckpt_*.tmp'): p.unlink(missing_ok=True)
+            for p in self.dir.iterdir():
+                if p.name.startswith('.ckpt_') and is_temp_name(p.name): p.unlink(missing_ok=True)
 
     def save(self, state: dict, iteration: int) -> Path:
         p = atomic_save(state, self.path(iteration))

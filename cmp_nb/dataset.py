@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from .core import atomic_write, atomic_write_text, dist_env, is_temp_name
 from .flow import IMAGE_MEAN, load_image, image_to_tensor, read_flow, read_flow_png, write_flow_png, resize_flow, flip_flow_lr
 from .guidance import sample_guidance, sample_interactive
 
@@ -247,18 +248,18 @@ def write_shards(source, out_dir, pairs_per_shard=1000, prefix='shard'):
     paths, index = [], []
     for s0 in range(0, len(ds), pairs_per_shard):
         path = out / f'{prefix}-{len(paths):06d}.tar'
-        tmp = path.with_suffix('.tar.tmp')
         idx = range(s0, min(s0 + pairs_per_shard, len(ds)))
-        with tarfile.open(tmp, 'w', format=tarfile.USTAR_FORMAT) as tf:
-            for i in idx:
-                ext, img, flow, meta = _pair_files(ds, i)
-                key = f'{i:09d}'
-                _tar_add(tf, f'{key}.{ext}', img)
-                _tar_add(tf, f'{key}.flow.png', flow)
-                _tar_add(tf, f'{key}.json', json.dumps({**meta, 'index': i}).encode())
-        os.replace(tmp, path)
+        def write(tmp, idx=idx):
+            with tarfile.open(tmp, 'w', format=tarfile.USTAR_FORMAT) as tf:
+                for i in idx:
+                    ext, img, flow, meta = _pair_files(ds, i)
+                    key = f'{i:09d}'
+                    _tar_add(tf, f'{key}.{ext}', img)
+                    _tar_add(tf, f'{key}.flow.png', flow)
+                    _tar_add(tf, f'{key}.json', json.dumps({**meta, 'index': i}).encode())
+        atomic_write(path, write)
         paths.append(path); index.append(dict(name=path.name, count=len(idx)))
-    (out / 'shards.json').write_text(json.dumps(dict(format='webdataset', total=len(ds), shards=index), indent=1))
+    atomic_write_text(out / 'shards.json', json.dumps(dict(format='webdataset', total=len(ds), shards=index), indent=1))
     return paths
 
 # %% ../nbs/04c_dataset.ipynb #c028
@@ -300,7 +301,7 @@ def list_shards(shards):
         p = Path(shards)
         if p.is_dir():
             idx = p / 'shards.json'
-            paths = [p / s['name'] for s in json.loads(idx.read_text())['shards']] if idx.is_file() else sorted(p.glob('*.tar'))
+            paths = [p / s['name'] for s in json.loads(idx.read_text())['shards']] if idx.is_file() else sorted(q for q in p.glob('*.tar') if not is_temp_name(q.name))
         elif p.is_file(): paths = [p]
         else: paths = [Path(q) for q in sorted(glob.glob(str(shards)))]
     if not paths: raise FileNotFoundError(f'no tar shards found at {shards}')
@@ -309,11 +310,8 @@ def list_shards(shards):
     return paths
 
 def _dist_rank_world():
-    "(rank, world size): from torch.distributed when initialised, else from torchrun's RANK / WORLD_SIZE, else (0, 1)."
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    try: return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    except ValueError: raise ValueError(f"RANK / WORLD_SIZE environment variables must be integers, got {os.environ.get('RANK')!r}, {os.environ.get('WORLD_SIZE')!r}") from None
+    "(rank, world size) of this process (`cmp_nb.core.dist_env`)."
+    env = dist_env(); return env.rank, env.world_size
 
 class ShardDataset(IterableDataset):
     "Iterable sample dicts from WebDataset tar shards, split over DDP ranks and DataLoader workers."

@@ -9,6 +9,7 @@ import numpy as np
 import cv2
 import torch
 import torch.nn.functional as F
+from .core import pick_device
 
 # %% auto #0
 __all__ = ['DIS_PRESETS', 'ESTIMATORS', 'check_image_pair', 'FlowEstimator', 'DISEstimator', 'pad_to_multiple', 'unpad',
@@ -113,12 +114,6 @@ def find_raft_weights(name: str, weights=None) -> Path:
         f'or pass its path: get_estimator("{name}", weights="/path/to/{files[0]}") / cmp_prepare --weights PATH.')
 
 # %% ../nbs/04a_estimate.ipynb #eea55d54
-def _pick_device() -> torch.device:
-    "CUDA if present, else Apple MPS, else CPU."
-    if torch.cuda.is_available(): return torch.device('cuda')
-    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
-    return torch.device('cpu')
-
 def _load_state_dict(path):
     sd = torch.load(path, map_location='cpu', weights_only=True)
     for k in ('state_dict', 'model'):
@@ -142,7 +137,7 @@ class RAFTEstimator(FlowEstimator):
         self.model.load_state_dict(sd)
         if batch_size < 1 or num_flow_updates < 1: raise ValueError(f'batch_size and num_flow_updates must be >= 1, got {batch_size}, {num_flow_updates}')
         self.name, self.num_flow_updates, self.batch_size = name, num_flow_updates, batch_size
-        self.device = torch.device(device) if device is not None else _pick_device()
+        self.device = pick_device('auto' if device is None else device)
         self.model.eval().to(self.device)
 
     @torch.inference_mode()

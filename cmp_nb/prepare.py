@@ -12,15 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import cv2
+from .core import TMP_MARK, atomic_write, atomic_write_text, dist_env, is_temp_name, pick_device
 from .flow import load_image, write_flow_png, read_flow_png
 from .estimate import get_estimator, ESTIMATORS
 
 # %% auto #0
-__all__ = ['MAX_FRAME_GAP', 'VIDEO_EXTS', 'IMAGE_EXTS', 'TMP_MARK', 'check_pair_rule', 'frame_pairs', 'Source', 'natural_key',
-           'find_sources', 'iter_video_frames', 'video_expected_frames', 'video_frame_count', 'resize_max_side',
-           'write_video', 'rank_from_env', 'shard_sources', 'atomic_write', 'write_image', 'write_flow',
-           'remove_temp_files', 'read_manifest', 'write_manifest', 'merge_manifests', 'process_source', 'prepare',
-           'main']
+__all__ = ['MAX_FRAME_GAP', 'VIDEO_EXTS', 'IMAGE_EXTS', 'check_pair_rule', 'frame_pairs', 'Source', 'natural_key', 'find_sources',
+           'iter_video_frames', 'video_expected_frames', 'video_frame_count', 'resize_max_side', 'write_video',
+           'shard_sources', 'write_image', 'write_flow', 'remove_temp_files', 'read_manifest', 'write_manifest',
+           'merge_manifests', 'process_source', 'prepare', 'main']
 
 # %% ../nbs/04d_prepare.ipynb #4ef463b3
 MAX_FRAME_GAP = 9
@@ -174,14 +174,6 @@ def write_video(path, frames, fps: int = 10, crf: int = 1, codec: str | None = N
     return Path(path)
 
 # %% ../nbs/04d_prepare.ipynb #a6784dd9
-def rank_from_env(env=None) -> tuple:
-    "(rank, world_size) from the RANK and WORLD_SIZE environment variables (0, 1 when unset)."
-    env = os.environ if env is None else env
-    try: rank, world = int(env.get('RANK', 0)), int(env.get('WORLD_SIZE', 1))
-    except ValueError: raise ValueError(f"RANK and WORLD_SIZE must be integers, got RANK={env.get('RANK')!r}, WORLD_SIZE={env.get('WORLD_SIZE')!r}") from None
-    if world < 1 or not 0 <= rank < world: raise ValueError(f'need 0 <= RANK < WORLD_SIZE, got RANK={rank}, WORLD_SIZE={world}')
-    return rank, world
-
 def shard_sources(sources, rank: int = 0, world_size: int = 1) -> list:
     "This rank's share of `sources`: largest first, each to the least loaded rank (ties to the lower rank); input order kept."
     loads, owner = [0] * world_size, {}
@@ -191,18 +183,6 @@ def shard_sources(sources, rank: int = 0, world_size: int = 1) -> list:
     return [s for s in sources if owner[s.sid] == rank]
 
 # %% ../nbs/04d_prepare.ipynb #01999445
-TMP_MARK = '.tmp-'
-
-def atomic_write(path, write, tag: str = ''):
-    "Call `write(tmp_path)` on a hidden temporary name next to `path`, then os.replace it onto `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.stem}{TMP_MARK}{tag or "x"}-p{os.getpid()}{path.suffix}')
-    try:
-        write(tmp); os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return path
-
 def write_image(path, img: np.ndarray, jpeg_quality: int = 95, tag: str = ''):
     "Atomically write uint8 RGB `img` as PNG or JPEG (by the suffix of `path`)."
     ext = Path(path).suffix.lower()
@@ -221,7 +201,7 @@ def remove_temp_files(folders, tag: str | None = None) -> int:
     for d in folders:
         if not Path(d).is_dir(): continue
         for e in os.scandir(d):
-            if e.name.startswith('.') and TMP_MARK in e.name and (tag is None or f'{TMP_MARK}{tag}-' in e.name):
+            if is_temp_name(e.name, tag):
                 os.unlink(e.path); n += 1
     return n
 
@@ -245,7 +225,7 @@ def read_manifest(path, validate: bool = True) -> list:
 def write_manifest(path, rows, tag: str = 'manifest') -> Path:
     "Atomically write `rows` as JSON lines."
     text = ''.join(json.dumps(r) + '\n' for r in rows)
-    return atomic_write(path, lambda p: Path(p).write_text(text, encoding='utf-8'), tag)
+    return atomic_write_text(path, text, tag)
 
 def merge_manifests(out) -> Path:
     "Merge manifest.jsonl and every manifest.rank*.jsonl of `out` into manifest.jsonl (validated, deduplicated, sorted)."
@@ -393,7 +373,7 @@ class _Run:
         if err is not None: self.failed.append((src.path, err)); self.log(f'FAILED {src.path}: {err}')
         elif t['tid'] not in self.incomplete:                     # an incomplete source is looked at again next time
             mark = json.dumps({'pairs': len(self.done.get(src.sid, ())), **src.stamp()})
-            atomic_write(self.out/'.done'/f'{src.sid}.json', lambda p: Path(p).write_text(mark), t['tag'])
+            atomic_write_text(self.out/'.done'/f'{src.sid}.json', mark, t['tag'])
     def close(self): self.f.close()
 
 # %% ../nbs/04d_prepare.ipynb #074f1c36
@@ -463,7 +443,7 @@ def _check_config(out: Path, cfg: dict):
             diff = {k: (old.get(k), cfg.get(k)) for k in set(old) | set(cfg) if old.get(k) != cfg.get(k)}
             raise ValueError(f'{out} was prepared with other settings (setting: (before, now)) {diff}; '
                              f'use the same settings to resume, or another --out')
-    else: atomic_write(p, lambda t: Path(t).write_text(json.dumps(cfg, indent=1)), 'config')
+    else: atomic_write_text(p, json.dumps(cfg, indent=1), 'config')
 
 # %% ../nbs/04d_prepare.ipynb #fbd313ab
 def _forget_changed_sources(out: Path, mine, manifest: Path, tag: str) -> list:
@@ -494,11 +474,10 @@ def prepare(inputs, out, *, estimator='dis', estimator_kw: dict | None = None, f
     if workers < 1 or batch_size < 1: raise ValueError(f'workers and batch_size must be >= 1, got {workers}, {batch_size}')
     if workers > 1 and not isinstance(estimator, str):
         raise ValueError(f'with workers > 1 give the estimator by name (one of {list(ESTIMATORS)}), not an object: each worker builds its own')
-    if rank is None or world_size is None: rank, world_size = rank_from_env()
+    if rank is None or world_size is None: env = dist_env(); rank, world_size = env.rank, env.world_size
     est_kw = dict(estimator_kw or {})
     if estimator != 'dis' and est_kw.get('device') is None:
-        import torch
-        if torch.cuda.is_available(): est_kw['device'] = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+        est_kw['device'] = str(pick_device('auto', dist_env().local_rank))
     out, ignored = Path(out), []
     for i in ([inputs] if isinstance(inputs, (str, Path)) else inputs):   # an --out inside an input is skipped, not this
         if _real(i) == _real(out) or _inside(_real(i), [_real(out/'images'), _real(out/'flows')]):
@@ -545,7 +524,7 @@ def prepare(inputs, out, *, estimator='dis', estimator_kw: dict | None = None, f
                    pairs_skipped=run.skipped, failed=run.failed, ignored=ignored, temp_files_removed=n_tmp,
                    incomplete=list(run.incomplete.values()), too_short=list(run.short.values()), changed=changed,
                    manifest=str(manifest))
-    atomic_write(rank_done, lambda p: Path(p).write_text(json.dumps(summary)), tag)
+    atomic_write_text(rank_done, json.dumps(summary), tag)
     if all((out/'.ranks'/f'rank{r:05d}-of-{world_size:05d}').exists() for r in range(world_size)):
         summary['merged'] = str(merge_manifests(out))
     summary['rows'] = len(read_manifest(out/'manifest.jsonl')) if 'merged' in summary else len(read_manifest(manifest))

@@ -9,21 +9,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .core import pick_device
 from .flow import load_image, image_to_tensor, flow_to_color, color_wheel
 from .guidance import points_to_sparse
 from .losses import logits_to_flow, logits_to_flow_argmax
 
 # %% auto #0
-__all__ = ['DEFAULT_MAX_SIDE', 'default_device', 'as_points', 'model_size', 'Propagator', 'draw_guidance', 'show_prediction',
-           'load_model', 'load_propagator']
-
-# %% ../nbs/03a_propagator.ipynb #da5048bc
-def default_device() -> torch.device:
-    "CUDA if available, else Apple MPS if available, else CPU."
-    if torch.cuda.is_available(): return torch.device('cuda')
-    mps = getattr(torch.backends, 'mps', None)
-    if mps is not None and mps.is_available(): return torch.device('mps')
-    return torch.device('cpu')
+__all__ = ['DEFAULT_MAX_SIDE', 'as_points', 'model_size', 'Propagator', 'draw_guidance', 'show_prediction', 'load_model',
+           'load_propagator']
 
 # %% ../nbs/03a_propagator.ipynb #2d4c9bdd
 def _array(a, ncols: int, name: str) -> np.ndarray:
@@ -62,7 +55,7 @@ class Propagator:
         if decode not in ('softmax', 'argmax'): raise ValueError(f"decode must be 'softmax' or 'argmax', got {decode!r}")
         if max_side is None: max_side = getattr(getattr(model, 'record', None), 'train_crop', None) or DEFAULT_MAX_SIDE
         if int(max_side) != max_side or max_side < 1: raise ValueError(f'max_side must be a positive integer, got {max_side!r}')
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = pick_device('auto' if device is None else device)
         self.model = model.to(self.device).eval()
         self.max_side, self.decode = int(max_side), decode
         self.multiple = int(getattr(model, 'input_multiple', 32))

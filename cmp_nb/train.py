@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 
+from .core import DistEnv, dist_env, pick_device
 from .config import load_config, save_config, check_config, build_optimizer, base_lr, valid_keys
 from .checkpoint import (Checkpoints, ResumableBatchSampler, SeededSamples, load_checkpoint, atomic_save,
                                rng_state, set_rng_state, seed_everything, sample_seed)
@@ -24,12 +25,12 @@ from .model import build_model
 from .losses import DiscreteFlowLoss, logits_to_flow
 
 # %% auto #0
-__all__ = ['AMP_DTYPES', 'NO_RESUME', 'RUN_FILES', 'DistInfo', 'pick_device', 'setup_distributed', 'all_reduce_mean',
-           'DistBatchNorm2d', 'convert_sync_bn', 'build_datasets', 'collate', 'MapBatches', 'ShardBatches',
-           'make_loader', 'autocast_for', 'make_scaler', 'unwrap', 'build_train_model', 'wrap_model', 'batch_to_device',
-           'check_finite', 'train_step', 'nearest_guidance_flow', 'predict_flow', 'evaluate', 'draw_guidance_np',
-           'flow_panel', 'StopRequest', 'gather_states', 'training_state', 'restore_training_state', 'RunDirInUse',
-           'export_weights', 'train', 'to_torchvision_resnet', 'export_encoder', 'export_encoder_main', 'main']
+__all__ = ['AMP_DTYPES', 'NO_RESUME', 'RUN_FILES', 'DistInfo', 'setup_distributed', 'all_reduce_mean', 'DistBatchNorm2d',
+           'convert_sync_bn', 'build_datasets', 'collate', 'MapBatches', 'ShardBatches', 'make_loader', 'autocast_for',
+           'make_scaler', 'unwrap', 'build_train_model', 'wrap_model', 'batch_to_device', 'check_finite', 'train_step',
+           'nearest_guidance_flow', 'predict_flow', 'evaluate', 'draw_guidance_np', 'flow_panel', 'StopRequest',
+           'gather_states', 'training_state', 'restore_training_state', 'RunDirInUse', 'export_weights', 'train',
+           'to_torchvision_resnet', 'export_encoder', 'export_encoder_main', 'main']
 
 # %% ../nbs/05_train.ipynb #c006
 @dataclass
@@ -44,28 +45,12 @@ class DistInfo:
     @property
     def distributed(self) -> bool: return self.world_size > 1
 
-def _mps_ok() -> bool:
-    mps = getattr(torch.backends, 'mps', None)
-    return mps is not None and mps.is_available()
-
-def pick_device(name: str = 'auto', local_rank: int = 0) -> torch.device:
-    "'auto' -> cuda:LOCAL_RANK, else mps, else cpu; an explicit name is checked to exist."
-    if name == 'auto':
-        if torch.cuda.is_available(): return torch.device('cuda', local_rank % torch.cuda.device_count())
-        return torch.device('mps') if _mps_ok() else torch.device('cpu')
-    try: dev = torch.device(name)
-    except RuntimeError: raise ValueError(f"train.device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == 'cuda':
-        if not torch.cuda.is_available(): raise ValueError(f'train.device={name!r} but CUDA is not available here; use auto or cpu')
-        if dev.index is None: dev = torch.device('cuda', local_rank % torch.cuda.device_count())
-    if dev.type == 'mps' and not _mps_ok(): raise ValueError(f'train.device={name!r} but Apple MPS is not available here')
-    return dev
-
 def setup_distributed(device: str = 'auto') -> DistInfo:
     "Read the torchrun environment, pick this process's device and join the process group if there are several."
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    rank, local = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
-    dev = pick_device(device, local)
+    env = dist_env()
+    rank, local, world = env.rank, env.local_rank, env.world_size
+    try: dev = pick_device(device, local)
+    except ValueError as e: raise ValueError(f'train.device: {e}') from None
     if world > 1:
         if dev.type == 'mps': raise ValueError('multi-process training on Apple MPS is not supported; use one process')
         if dev.type == 'cuda': torch.cuda.set_device(dev)
