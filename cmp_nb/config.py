@@ -4,77 +4,111 @@
 
 # %% ../nbs/05a_config.ipynb #c003
 from __future__ import annotations
-import copy, difflib, math
+import copy, dataclasses, difflib, math
+from dataclasses import dataclass, field
 from pathlib import Path
 import yaml
 import torch
 
 # %% auto #0
-__all__ = ['DEFAULTS', 'FREE_FORM', 'NONE_TYPED', 'RANGES', 'ODD', 'CHOICES', 'NULLABLE', 'valid_keys', 'check_value',
-           'check_config', 'merge_config', 'parse_override', 'load_config', 'save_config', 'StepSchedule', 'base_lr',
-           'build_optimizer']
+__all__ = ['SECTIONS', 'DEFAULTS', 'FREE_FORM', 'NONE_TYPED', 'RANGES', 'ODD', 'CHOICES', 'NULLABLE', 'ModelConfig', 'TaskConfig',
+           'DataConfig', 'TrainConfig', 'OptimConfig', 'CkptConfig', 'LogConfig', 'Config', 'valid_keys', 'check_value',
+           'check_config', 'merge_config', 'parse_override', 'load_config', 'save_config', 'as_config', 'StepSchedule',
+           'base_lr', 'build_optimizer']
 
-# %% ../nbs/05a_config.ipynb #c006
-DEFAULTS = {
-    'model': {
-        'preset': 'small',        # a cmp_nb.model.build_model preset
-        'kwargs': {},             # free-form: extra build_model(**kwargs), e.g. nbins, fmax
-    },
-    'data': {
-        'kind': 'synthetic',      # synthetic | manifest | shards
-        'train': None,            # real data: manifest file or tar-shard glob for training
-        'val': None,              # real data: the same for held-out validation pairs
-        'crop': 384,              # square training crop (pixels)
-        'short_side': 416,        # real data: frames resized so the short side is this first
-        'nms_ks': 81,             # guidance: watershed NMS kernel K
-        'grid_stride': 200,       # guidance: extra grid point every G pixels
-        'max_points': None,       # guidance: cap on points per crop (None = no cap)
-        'flip': True,             # random left-right flips (u negated)
-        'num_workers': 0,         # DataLoader worker processes per rank
-        'train_size': 100000,     # synthetic: number of distinct training clips
-        'val_size': 64,           # synthetic: number of held-out clips
-        'options': {},            # free-form: extra dataset keyword arguments
-    },
-    'train': {
-        'iters': 42000,           # total optimiser steps
-        'batch_size': 10,         # per process (the paper: 10 per GPU x 16 GPUs)
-        'seed': 0,
-        'device': 'auto',         # auto | cpu | cuda | mps (under torchrun: cuda:LOCAL_RANK)
-        'amp': 'none',            # none | bf16 | fp16 (fp16 on CUDA only)
-        'channels_last': False,
-        'compile': False,         # torch.compile the model
-        'sync_bn': False,         # SyncBatchNorm across processes
-        'deterministic': False,   # torch.use_deterministic_algorithms(True)
-        'threads': 0,             # torch.set_num_threads (0 = leave as is)
-    },
-    'optim': {
-        'lr': 0.1,                # the paper: 0.1 at global batch 160
-        'momentum': 0.9,
-        'weight_decay': 1e-4,
-        'milestones': [2 / 3.5, 3 / 3.5],   # lr x gamma at these fractions of train.iters
-        'gamma': 0.1,
-        'warmup_iters': 0,        # linear warmup length (0 = none)
-        'warmup_factor': 0.1,     # warmup starts at lr * warmup_factor
-        'scale_lr': False,        # opt-in linear scaling: lr * global_batch / base_batch
-        'base_batch': 160,
-    },
-    'ckpt': {
-        'run_dir': 'runs/default',
-        'every': 1000,            # save a checkpoint every this many iterations (and at the end)
-        'keep': 3,                # keep the newest k checkpoints
-        'resume': None,           # None | auto | path to a checkpoint
-        'overwrite': False,       # a fresh run in a used run dir first deletes the old run's files (else: refused)
-    },
-    'log': {
-        'every': 20,              # console + TensorBoard scalars every n iterations
-        'val_every': 1000,        # validation EPE every n iterations (0 = only at the end)
-        'val_batches': 8,         # batches of held-out data per validation
-        'image_every': 1000,      # TensorBoard images every n iterations (0 = never)
-        'tensorboard': True,
-        'progress': True,         # tqdm bar on rank 0 (on a terminal or in Jupyter)
-    },
-}
-FREE_FORM = {('model', 'kwargs'), ('data', 'options')}
+# %% ../nbs/05a_config.ipynb #41ce617b
+@dataclass
+class ModelConfig:
+    preset: str = 'small'                 # a cmp_nb.model.build_model preset
+    kwargs: dict = field(default_factory=dict)   # free-form: extra build_model(**kwargs), e.g. nbins, fmax
+
+@dataclass
+class TaskConfig:
+    name: str = 'cmp'                     # the training task (cmp_nb.train.TASKS)
+    kwargs: dict = field(default_factory=dict)   # free-form: the task's own options
+
+@dataclass
+class DataConfig:
+    kind: str = 'synthetic'               # synthetic | manifest | shards
+    train: str | list | None = None       # real data: manifest file or tar-shard glob for training
+    val: str | list | None = None         # real data: the same for held-out validation pairs
+    crop: int = 384                       # square training crop (pixels)
+    short_side: int | None = 416          # real data: frames resized so the short side is this first
+    nms_ks: int = 81                      # guidance: watershed NMS kernel K
+    grid_stride: int | None = 200         # guidance: extra grid point every G pixels
+    max_points: int | None = None         # guidance: cap on points per crop (None = no cap)
+    flip: bool = True                     # random left-right flips (u negated)
+    num_workers: int = 0                  # DataLoader worker processes per rank
+    train_size: int = 100000              # synthetic: number of distinct training clips
+    val_size: int = 64                    # synthetic: number of held-out clips
+    options: dict = field(default_factory=dict)  # free-form: extra dataset keyword arguments
+
+# %% ../nbs/05a_config.ipynb #96e5eab4
+@dataclass
+class TrainConfig:
+    iters: int = 42000                    # total optimiser steps
+    batch_size: int = 10                  # per process (the paper: 10 per GPU x 16 GPUs)
+    seed: int = 0
+    device: str = 'auto'                  # auto | cpu | cuda | mps (under torchrun: cuda:LOCAL_RANK)
+    amp: str = 'none'                     # none | bf16 | fp16 (fp16 on CUDA only)
+    channels_last: bool = False
+    compile: bool = False                 # torch.compile the model
+    sync_bn: bool = False                 # SyncBatchNorm across processes
+    deterministic: bool = False           # torch.use_deterministic_algorithms(True)
+    threads: int = 0                      # torch.set_num_threads (0 = leave as is)
+
+@dataclass
+class OptimConfig:
+    name: str = 'sgd'                     # sgd | adam | adamw
+    lr: float = 0.1                       # the paper: 0.1 at global batch 160
+    momentum: float = 0.9                 # sgd only
+    weight_decay: float = 1e-4
+    milestones: list = field(default_factory=lambda: [2 / 3.5, 3 / 3.5])  # lr x gamma at these fractions of iters
+    gamma: float = 0.1
+    warmup_iters: int = 0                 # linear warmup length (0 = none)
+    warmup_factor: float = 0.1            # warmup starts at lr * warmup_factor
+    scale_lr: bool = False                # opt-in linear scaling: lr * global_batch / base_batch
+    base_batch: int = 160
+
+# %% ../nbs/05a_config.ipynb #9f1be1bd
+@dataclass
+class CkptConfig:
+    run_dir: str = 'runs/default'
+    every: int = 1000                     # save a checkpoint every this many iterations (and at the end)
+    keep: int = 3                         # keep the newest k checkpoints
+    resume: str | None = None             # None | auto | path to a checkpoint
+    overwrite: bool = False               # a fresh run in a used run dir first deletes its files (else: refused)
+
+@dataclass
+class LogConfig:
+    every: int = 20                       # console + TensorBoard scalars every n iterations
+    val_every: int = 1000                 # validation every n iterations (0 = only at the end)
+    val_batches: int = 8                  # batches of held-out data per validation
+    image_every: int = 1000               # TensorBoard images every n iterations (0 = never)
+    tensorboard: bool = True
+    progress: bool = True                 # tqdm bar on rank 0 (on a terminal or in Jupyter)
+
+# %% ../nbs/05a_config.ipynb #8f4e7efa
+SECTIONS = {'model': ModelConfig, 'task': TaskConfig, 'data': DataConfig, 'train': TrainConfig,
+            'optim': OptimConfig, 'ckpt': CkptConfig, 'log': LogConfig}
+
+@dataclass
+class Config:
+    "A whole run, section by section: `cfg.train.iters`, `cfg.data.crop`, ... (`as_config` builds one, checked)."
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        "The nested dictionary that YAML files, the command line and checkpoints hold."
+        return dataclasses.asdict(self)
+
+DEFAULTS = Config().to_dict()
+FREE_FORM = {('model', 'kwargs'), ('task', 'kwargs'), ('data', 'options')}
 
 # %% ../nbs/05a_config.ipynb #c008
 def valid_keys(cfg: dict = None, prefix: str = '') -> list[str]:
@@ -135,7 +169,8 @@ RANGES = {                    # key: (lowest, highest); '>' / '<' in front: the 
     'log.every': (1, None), 'log.val_every': (0, None), 'log.val_batches': (1, None), 'log.image_every': (0, None),
 }
 ODD = {'data.nms_ks'}                                             # the NMS window has a centre pixel
-CHOICES = {'data.kind': ('synthetic', 'manifest', 'shards'), 'train.amp': ('none', 'bf16', 'fp16')}
+CHOICES = {'data.kind': ('synthetic', 'manifest', 'shards'), 'train.amp': ('none', 'bf16', 'fp16'),
+           'optim.name': ('sgd', 'adam', 'adamw')}
 NULLABLE = {'data.short_side', 'data.grid_stride'}                # besides the keys whose default is None
 
 def _bound_text(lo, hi) -> str:
@@ -233,11 +268,19 @@ def load_config(path=None, overrides=()) -> dict:
     for item in overrides: cfg = merge_config(cfg, parse_override(item), f'override {item!r}')
     return cfg
 
-def save_config(cfg: dict, path) -> Path:
+def save_config(cfg: dict | Config, path) -> Path:
     "Write the resolved config as YAML."
+    if isinstance(cfg, Config): cfg = cfg.to_dict()
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+# %% ../nbs/05a_config.ipynb #cccb7173
+def as_config(cfg: dict | Config | None = None, source: str = 'config') -> Config:
+    "A checked, typed `Config` from a nested dict (missing keys take their defaults), or `cfg` itself if one."
+    if isinstance(cfg, Config): return cfg
+    d = check_config({} if cfg is None else cfg, source)
+    return Config(**{k: S(**d[k]) for k, S in SECTIONS.items()})
 
 # %% ../nbs/05a_config.ipynb #c021
 class StepSchedule:
@@ -256,16 +299,18 @@ class StepSchedule:
             f *= self.warmup_factor + (1 - self.warmup_factor) * it / self.warmup_iters
         return f
 
-def base_lr(cfg: dict, world_size: int = 1) -> float:
+def base_lr(cfg: dict | Config, world_size: int = 1) -> float:
     "The peak learning rate: `optim.lr`, times global_batch / base_batch when `optim.scale_lr`."
-    o = cfg['optim']
-    if not o['scale_lr']: return o['lr']
-    return o['lr'] * cfg['train']['batch_size'] * world_size / o['base_batch']
+    cfg = as_config(cfg); o = cfg.optim
+    if not o.scale_lr: return o.lr
+    return o.lr * cfg.train.batch_size * world_size / o.base_batch
 
-def build_optimizer(model: torch.nn.Module, cfg: dict, world_size: int = 1):
-    "SGD and its LambdaLR schedule (stepped once per iteration) from the config."
-    o = cfg['optim']
-    opt = torch.optim.SGD(model.parameters(), lr=base_lr(cfg, world_size), momentum=o['momentum'],
-                          weight_decay=o['weight_decay'])
-    sched = StepSchedule(cfg['train']['iters'], o['milestones'], o['gamma'], o['warmup_iters'], o['warmup_factor'])
+def build_optimizer(model: torch.nn.Module, cfg: dict | Config, world_size: int = 1):
+    "The optimiser of `optim.name` (SGD by default) and its LambdaLR schedule (stepped once per iteration)."
+    cfg = as_config(cfg); o = cfg.optim
+    lr, params = base_lr(cfg, world_size), model.parameters()
+    if o.name == 'sgd': opt = torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    elif o.name == 'adam': opt = torch.optim.Adam(params, lr=lr, weight_decay=o.weight_decay)
+    else: opt = torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
+    sched = StepSchedule(cfg.train.iters, o.milestones, o.gamma, o.warmup_iters, o.warmup_factor)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, sched)

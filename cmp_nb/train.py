@@ -16,8 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 
-from .core import DistEnv, dist_env, pick_device
-from .config import load_config, save_config, check_config, build_optimizer, base_lr, valid_keys
+from .core import DistEnv, atomic_write_text, dist_env, pick_device
+from .config import (Config, CkptConfig, as_config, load_config, save_config, check_config, build_optimizer, base_lr,
+                            valid_keys)
 from .checkpoint import (Checkpoints, ResumableBatchSampler, SeededSamples, load_checkpoint, atomic_save,
                                rng_state, set_rng_state, seed_everything, sample_seed)
 from .flow import flow_to_color, tensor_to_image
@@ -25,25 +26,20 @@ from .model import build_model
 from .losses import DiscreteFlowLoss, logits_to_flow
 
 # %% auto #0
-__all__ = ['AMP_DTYPES', 'NO_RESUME', 'RUN_FILES', 'DistInfo', 'setup_distributed', 'all_reduce_mean', 'DistBatchNorm2d',
-           'convert_sync_bn', 'build_datasets', 'collate', 'MapBatches', 'ShardBatches', 'make_loader', 'autocast_for',
-           'make_scaler', 'unwrap', 'build_train_model', 'wrap_model', 'batch_to_device', 'check_finite', 'train_step',
-           'nearest_guidance_flow', 'predict_flow', 'evaluate', 'draw_guidance_np', 'flow_panel', 'StopRequest',
-           'gather_states', 'training_state', 'restore_training_state', 'RunDirInUse', 'export_weights', 'train',
-           'to_torchvision_resnet', 'export_encoder', 'export_encoder_main', 'main']
+__all__ = ['AMP_DTYPES', 'NO_RESUME', 'RUN_FILES', 'TASKS', 'EVENTS', 'DistInfo', 'setup_distributed', 'all_reduce_mean',
+           'DistBatchNorm2d', 'convert_sync_bn', 'build_datasets', 'collate', 'MapBatches', 'ShardBatches',
+           'make_loader', 'autocast_for', 'make_scaler', 'unwrap', 'build_train_model', 'wrap_model', 'batch_to_device',
+           'check_finite', 'nearest_guidance_flow', 'dense_flow', 'predict_flow', 'evaluate', 'draw_guidance_np',
+           'flow_panel', 'StopRequest', 'gather_states', 'training_state', 'restore_training_state', 'RunDirInUse',
+           'export_weights', 'Task', 'CMPTask', 'register_task', 'get_task', 'Callback', 'Learner', 'StopCB',
+           'ProgressCB', 'metrics_row', 'MetricsCB', 'TensorBoardCB', 'ValidationCB', 'CheckpointCB',
+           'default_callbacks', 'train', 'to_torchvision_resnet', 'export_encoder', 'export_encoder_main', 'main']
 
 # %% ../nbs/05_train.ipynb #c006
-@dataclass
-class DistInfo:
-    "Where this process runs: rank, local rank, number of processes and device."
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
+@dataclass(frozen=True)
+class DistInfo(DistEnv):
+    "Where this process runs: its place in the run (`cmp_nb.core.DistEnv`) and its device."
     device: torch.device = torch.device('cpu')
-    @property
-    def is_main(self) -> bool: return self.rank == 0
-    @property
-    def distributed(self) -> bool: return self.world_size > 1
 
 def setup_distributed(device: str = 'auto') -> DistInfo:
     "Read the torchrun environment, pick this process's device and join the process group if there are several."
@@ -110,11 +106,11 @@ def convert_sync_bn(module: nn.Module, device: torch.device) -> nn.Module:
     return module
 
 # %% ../nbs/05_train.ipynb #c012
-def _pair_kwargs(cfg: dict, train: bool) -> dict:
-    D = cfg['data']
-    kw = dict(nms_ks=D['nms_ks'], grid_stride=D['grid_stride'], max_points=D['max_points'], train=train)
-    if train: kw['flip'] = 0.5 if D['flip'] else 0.0
-    kw.update(D['options'])
+def _pair_kwargs(cfg: Config, train: bool) -> dict:
+    D = cfg.data
+    kw = dict(nms_ks=D.nms_ks, grid_stride=D.grid_stride, max_points=D.max_points, train=train)
+    if train: kw['flip'] = 0.5 if D.flip else 0.0
+    kw.update(D.options)
     if not train: kw['train'] = False
     return kw
 
@@ -126,51 +122,56 @@ def _first_samples(ds, n: int) -> list:
         if len(out) >= n: break
     return out
 
-def build_datasets(cfg: dict) -> tuple:
+def build_datasets(cfg: dict | Config) -> tuple:
     "(training dataset, held-out dataset or None) for the config's `data` section."
     from cmp_nb.dataset import SyntheticDataset, ManifestDataset, ShardDataset
-    D, seed = cfg['data'], cfg['train']['seed']
-    if D['kind'] == 'synthetic':
-        size = (D['crop'], D['crop'])
-        train = SyntheticDataset(D['train_size'], 0, size, seed=seed, crop=None, short_side=None, **_pair_kwargs(cfg, True))
-        val = SyntheticDataset.validation(D['val_size'], size=size, **_pair_kwargs(cfg, False)) if D['val_size'] else None
+    cfg = as_config(cfg)
+    D, seed = cfg.data, cfg.train.seed
+    if D.kind == 'synthetic':
+        size = (D.crop, D.crop)
+        train = SyntheticDataset(D.train_size, 0, size, seed=seed, crop=None, short_side=None,
+                                 **_pair_kwargs(cfg, True))
+        val = SyntheticDataset.validation(D.val_size, size=size, **_pair_kwargs(cfg, False)) if D.val_size else None
         return train, val
-    if D['kind'] not in ('manifest', 'shards'):
-        raise ValueError(f"data.kind must be synthetic, manifest or shards, got {D['kind']!r}")
-    if not D['train']:
-        raise ValueError(f"data.kind={D['kind']} needs data.train: a manifest.jsonl (or its folder) or a tar-shard folder/glob")
-    geo = dict(crop=D['crop'], short_side=D['short_side'])
-    Cls = ManifestDataset if D['kind'] == 'manifest' else ShardDataset
-    train = Cls(D['train'], seed=seed, **geo, **_pair_kwargs(cfg, True))
+    if D.kind not in ('manifest', 'shards'):
+        raise ValueError(f"data.kind must be synthetic, manifest or shards, got {D.kind!r}")
+    if not D.train:
+        raise ValueError(f"data.kind={D.kind} needs data.train: a manifest.jsonl (or its folder) "
+                         "or a tar-shard folder/glob")
+    geo = dict(crop=D.crop, short_side=D.short_side)
+    Cls = ManifestDataset if D.kind == 'manifest' else ShardDataset
+    train = Cls(D.train, seed=seed, **geo, **_pair_kwargs(cfg, True))
     val = None
-    if D['val']:
-        if D['kind'] == 'manifest': val = ManifestDataset(D['val'], seed=seed, **geo, **_pair_kwargs(cfg, False))
+    if D.val:
+        if D.kind == 'manifest': val = ManifestDataset(D.val, seed=seed, **geo, **_pair_kwargs(cfg, False))
         else:
-            n = cfg['log']['val_batches'] * cfg['train']['batch_size']
-            val = _first_samples(ShardDataset(D['val'], seed=seed, shuffle=False, rank=0, world_size=1, **geo,
+            n = cfg.log.val_batches * cfg.train.batch_size
+            val = _first_samples(ShardDataset(D.val, seed=seed, shuffle=False, rank=0, world_size=1, **geo,
                                               **_pair_kwargs(cfg, False)), n)
     return train, val
 
-# %% ../nbs/05_train.ipynb #c014
+# %% ../nbs/05_train.ipynb #08179b53
 def collate(items: list) -> dict:
     "Stack a list of sample dicts, keeping tensor/array/number keys that every sample has (None values dropped)."
     keys = [k for k in items[0] if all(k in it and it[k] is not None for it in items)]
     keys = [k for k in keys if torch.is_tensor(items[0][k]) or isinstance(items[0][k], (np.ndarray, int, float))]
     return torch.utils.data.default_collate([{k: it[k] for k in keys} for it in items])
 
-def _loader_kwargs(cfg: dict, info: DistInfo) -> dict:
-    nw = cfg['data']['num_workers']
+def _loader_kwargs(cfg: Config, info: DistInfo) -> dict:
+    nw = cfg.data.num_workers
     return dict(num_workers=nw, collate_fn=collate, pin_memory=info.device.type == 'cuda',
                 prefetch_factor=2 if nw else None, persistent_workers=False)
 
+# %% ../nbs/05_train.ipynb #33e1fead
 class MapBatches:
     "Batches of a map-style dataset in the resumable order, through a DataLoader."
-    def __init__(self, dataset, cfg: dict, info: DistInfo, start_iter: int = 0):
-        T = cfg['train']
-        self.sampler = ResumableBatchSampler(len(dataset), T['batch_size'], T['iters'], T['seed'], info.rank,
+    def __init__(self, dataset, cfg: dict | Config, info: DistInfo, start_iter: int = 0):
+        cfg = as_config(cfg); T = cfg.train
+        self.sampler = ResumableBatchSampler(len(dataset), T.batch_size, T.iters, T.seed, info.rank,
                                              info.world_size, start_iter)
         self.loader = torch.utils.data.DataLoader(SeededSamples(dataset), batch_sampler=self.sampler,
-                                                  generator=torch.Generator().manual_seed(T['seed']), **_loader_kwargs(cfg, info))
+                                                  generator=torch.Generator().manual_seed(T.seed),
+                                                  **_loader_kwargs(cfg, info))
         self.it = start_iter
 
     def __iter__(self):
@@ -180,12 +181,14 @@ class MapBatches:
 
     def state(self) -> dict: return {'iteration': self.it}
 
+# %% ../nbs/05_train.ipynb #7e6c80cf
 class ShardBatches:
     "Batches of an iterable (tar-shard) dataset, epoch after epoch; resumable at (epoch, position)."
-    def __init__(self, dataset, cfg: dict, info: DistInfo, start_iter: int = 0, state: dict = None):
-        self.ds, self.left = dataset, cfg['train']['iters'] - start_iter
+    def __init__(self, dataset, cfg: dict | Config, info: DistInfo, start_iter: int = 0, state: dict = None):
+        cfg = as_config(cfg)
+        self.ds, self.left = dataset, cfg.train.iters - start_iter
         self.epoch, self.pos = int((state or {}).get('epoch', 0)), int((state or {}).get('pos', 0))
-        self.loader = torch.utils.data.DataLoader(dataset, batch_size=cfg['train']['batch_size'], drop_last=True,
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, drop_last=True,
                                                   **_loader_kwargs(cfg, info))
 
     def __iter__(self):
@@ -200,30 +203,34 @@ class ShardBatches:
                 yield batch
                 n += 1
                 if n >= self.left: return
-            if seen == 0: raise ValueError('the tar shards gave no full batch; fewer pairs than train.batch_size per process?')
+            if seen == 0:
+                raise ValueError('the tar shards gave no full batch; fewer pairs than train.batch_size per process?')
             self.epoch, self.pos = self.epoch + 1, 0
 
     def state(self) -> dict: return {'epoch': self.epoch, 'pos': self.pos}
 
-def make_loader(dataset, cfg: dict, info: DistInfo, start_iter: int = 0, state: dict = None):
+def make_loader(dataset, cfg: dict | Config, info: DistInfo, start_iter: int = 0, state: dict = None):
     "MapBatches for map-style datasets, ShardBatches for iterable ones."
     if isinstance(dataset, torch.utils.data.IterableDataset): return ShardBatches(dataset, cfg, info, start_iter, state)
     return MapBatches(dataset, cfg, info, start_iter)
 
-# %% ../nbs/05_train.ipynb #c018
+# %% ../nbs/05_train.ipynb #6ce4963b
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 def autocast_for(amp: str, device: torch.device):
     "The autocast context for `train.amp` on `device` (a null context for 'none')."
     if amp == 'none': return nullcontext()
     if amp not in AMP_DTYPES: raise ValueError(f"train.amp must be none, bf16 or fp16, got {amp!r}")
-    if amp == 'fp16' and device.type == 'cpu': raise ValueError("train.amp='fp16' needs a GPU; on CPU use bf16 or none")
+    if amp == 'fp16' and device.type == 'cpu':
+        raise ValueError("train.amp='fp16' needs a GPU; on CPU use bf16 or none")
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 def make_scaler(amp: str, device: torch.device):
     "A gradient scaler, enabled only for fp16 on CUDA."
-    return torch.amp.GradScaler(device.type if device.type == 'cuda' else 'cpu', enabled=(amp == 'fp16' and device.type == 'cuda'))
+    return torch.amp.GradScaler(device.type if device.type == 'cuda' else 'cpu',
+                                enabled=(amp == 'fp16' and device.type == 'cuda'))
 
+# %% ../nbs/05_train.ipynb #1c261ab9
 def unwrap(model: nn.Module) -> nn.Module:
     "The plain model inside DDP and torch.compile wrappers."
     while True:
@@ -231,19 +238,21 @@ def unwrap(model: nn.Module) -> nn.Module:
         elif isinstance(model, nn.parallel.DistributedDataParallel): model = model.module
         else: return model
 
-def build_train_model(cfg: dict, info: DistInfo) -> nn.Module:
-    "The model of `cfg` on this process's device (SyncBN and channels_last applied, not yet wrapped)."
-    model = build_model(cfg['model']['preset'], **cfg['model']['kwargs'])
-    if cfg['train']['sync_bn'] and info.distributed: model = convert_sync_bn(model, info.device)
+def build_train_model(cfg: dict | Config, info: DistInfo, task=None) -> nn.Module:
+    "The model of the config's task on this process's device (SyncBN and channels_last applied, not yet wrapped)."
+    cfg = as_config(cfg)
+    model = (task if task is not None else get_task(cfg)).build_model()
+    if cfg.train.sync_bn and info.distributed: model = convert_sync_bn(model, info.device)
     model = model.to(info.device)
-    if cfg['train']['channels_last']: model = model.to(memory_format=torch.channels_last)
+    if cfg.train.channels_last: model = model.to(memory_format=torch.channels_last)
     return model
 
-def wrap_model(model: nn.Module, cfg: dict, info: DistInfo) -> nn.Module:
+def wrap_model(model: nn.Module, cfg: dict | Config, info: DistInfo) -> nn.Module:
     "DDP when there are several processes, then torch.compile if asked."
     if info.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == 'cuda' else None)
-    if cfg['train']['compile']: model = torch.compile(model)
+        ids = [info.device.index] if info.device.type == 'cuda' else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if as_config(cfg).train.compile: model = torch.compile(model)
     return model
 
 # %% ../nbs/05_train.ipynb #c021
@@ -255,18 +264,8 @@ def batch_to_device(batch: dict, device: torch.device, channels_last: bool = Fal
 
 def check_finite(loss: torch.Tensor):
     "FloatingPointError if the loss is nan or inf (this process only)."
-    if not torch.isfinite(loss): raise FloatingPointError(f'training loss became {loss.item()}; lower optim.lr or check the data')
-
-def train_step(model, batch: dict, loss_fn, opt, sched, scaler, amp_ctx=None, check=check_finite):
-    "One optimiser step on a batch with image, sparse, flow (and optional valid). Returns (loss, logits), detached."
-    with (amp_ctx if amp_ctx is not None else nullcontext()):
-        logits = model(batch['image'], batch['sparse'])
-    loss = loss_fn(logits.float(), batch['flow'], batch.get('valid'))
-    check(loss)                          # before backward: under DDP `check` must be collective (StopRequest.sync)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt); scaler.update(); sched.step()
-    return loss.detach(), logits.detach()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f'training loss became {loss.item()}; lower optim.lr or check the data')
 
 # %% ../nbs/05_train.ipynb #c023
 def nearest_guidance_flow(sparse: torch.Tensor) -> torch.Tensor:
@@ -281,15 +280,18 @@ def nearest_guidance_flow(sparse: torch.Tensor) -> torch.Tensor:
         out[b] = sp[b, :2][:, torch.from_numpy(iy), torch.from_numpy(ix)]
     return out.to(sparse.device)
 
+def dense_flow(logits: torch.Tensor, nbins: int, fmax: float, size) -> torch.Tensor:
+    "Decoded flow (B,2,H,W) at `size` (bilinear, align_corners=True; vectors are already in input pixels)."
+    flow = logits_to_flow(logits, nbins, fmax)
+    if tuple(flow.shape[-2:]) != tuple(size):
+        flow = F.interpolate(flow, size=tuple(size), mode='bilinear', align_corners=True)
+    return flow
+
 @torch.no_grad()
 def predict_flow(model: nn.Module, image: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-    "Decoded flow (B,2,H,W) at the image size (bilinear, align_corners=True; vectors already in input pixels)."
+    "The model's decoded flow (B,2,H,W) at the image size."
     core = unwrap(model)
-    logits = model(image, sparse).float()
-    flow = logits_to_flow(logits, core.nbins, core.fmax)
-    if flow.shape[-2:] != image.shape[-2:]:
-        flow = F.interpolate(flow, size=image.shape[-2:], mode='bilinear', align_corners=True)
-    return flow
+    return dense_flow(model(image, sparse).float(), core.nbins, core.fmax, image.shape[-2:])
 
 def _valid_mask(batch: dict, flow: torch.Tensor) -> torch.Tensor:
     v = batch.get('valid')
@@ -379,7 +381,7 @@ class StopRequest:
         for s, h in self._old.items(): signal.signal(s, h)
         self._old = {}
 
-# %% ../nbs/05_train.ipynb #c032
+# %% ../nbs/05_train.ipynb #74d88ff4
 def gather_states(info: DistInfo, data_state: dict = None) -> list:
     "Per process (rank order): its RNG states and its data-order state."
     st = {'rng': rng_state(), 'data': dict(data_state or {})}
@@ -388,32 +390,40 @@ def gather_states(info: DistInfo, data_state: dict = None) -> list:
     dist.all_gather_object(out, st)
     return out
 
-def training_state(model, opt, sched, scaler, iteration: int, cfg: dict, info: DistInfo, procs: list,
+def training_state(model, opt, sched, scaler, iteration: int, cfg: dict | Config, info: DistInfo, procs: list,
                    elapsed: float = 0.0) -> dict:
     "Everything a resume needs, as tensors and plain values (loadable with weights_only=True)."
-    return {'format': 'cmp_nb.train/1', 'preset': cfg['model']['preset'], 'model_kwargs': dict(cfg['model']['kwargs']),
-            'model': unwrap(model).state_dict(), 'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(),
-            'scaler': scaler.state_dict(), 'iteration': int(iteration), 'procs': procs, 'world_size': info.world_size,
-            'data': {'seed': cfg['train']['seed'], 'global_batch': cfg['train']['batch_size'] * info.world_size},
-            'elapsed': float(elapsed), 'config': cfg}
+    cfg = as_config(cfg)
+    return {'format': 'cmp_nb.train/1', 'task': cfg.task.name, 'preset': cfg.model.preset,
+            'model_kwargs': dict(cfg.model.kwargs), 'model': unwrap(model).state_dict(),
+            'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(), 'scaler': scaler.state_dict(),
+            'iteration': int(iteration), 'procs': procs, 'world_size': info.world_size,
+            'data': {'seed': cfg.train.seed, 'global_batch': cfg.train.batch_size * info.world_size},
+            'elapsed': float(elapsed), 'config': cfg.to_dict()}
 
-def restore_training_state(state: dict, model, opt, sched, scaler, cfg: dict, info: DistInfo) -> tuple[int, dict]:
+# %% ../nbs/05_train.ipynb #2676576b
+def restore_training_state(state: dict, model, opt, sched, scaler, cfg: dict | Config,
+                           info: DistInfo) -> tuple[int, dict]:
     "Load a checkpoint into model/optimiser/schedule/scaler/RNG; returns (iteration to continue from, data state)."
-    if state.get('preset') != cfg['model']['preset']:
-        raise ValueError(f"checkpoint was trained with model preset {state.get('preset')!r}, the config asks for "
-                         f"{cfg['model']['preset']!r}; use a new ckpt.run_dir or the same preset")
+    cfg = as_config(cfg)
+    for key, want, name in (('task', cfg.task.name, 'task.name'), ('preset', cfg.model.preset, 'model.preset')):
+        got = state.get(key, 'cmp' if key == 'task' else None)      # checkpoints before tasks: CMP
+        if got != want:
+            raise ValueError(f"checkpoint was trained with {name}={got!r}, the config asks for {want!r}; "
+                             f"use a new ckpt.run_dir or the same {name}")
     unwrap(model).load_state_dict(state['model'])
     opt.load_state_dict(state['optimizer'])
-    sd = dict(state['scheduler']); sd['lr_lambdas'] = [None] * len(sched.lr_lambdas)   # the schedule comes from the config
+    sd = dict(state['scheduler']); sd['lr_lambdas'] = [None] * len(sched.lr_lambdas)   # the schedule: the config's
     sched.load_state_dict(sd)
     if state.get('scaler') and scaler.is_enabled(): scaler.load_state_dict(state['scaler'])
     procs, data_state = state.get('procs') or [], {}
     if len(procs) == info.world_size: set_rng_state(procs[info.rank]['rng']); data_state = procs[info.rank]['data']
     else: warnings.warn(f'checkpoint holds the states of {len(procs)} processes, this run has {info.world_size}; '
                         'RNG and stream positions not restored')
-    gb = cfg['train']['batch_size'] * info.world_size
+    gb = cfg.train.batch_size * info.world_size
     if state.get('data', {}).get('global_batch', gb) != gb:
-        warnings.warn(f"global batch changed from {state['data']['global_batch']} to {gb}: the data order after resuming differs")
+        warnings.warn(f"global batch changed from {state['data']['global_batch']} to {gb}: "
+                      "the data order after resuming differs")
     return int(state['iteration']), data_state
 
 # %% ../nbs/05_train.ipynb #c034
@@ -429,16 +439,16 @@ def _run_dir_contents(run_dir: Path, ckpts: Checkpoints) -> list[str]:
     n = len(ckpts.list())
     return found + ([f'{n} checkpoint{"s" if n > 1 else ""}'] if n else [])
 
-def _claim_run_dir(run_dir: Path, ckpts: Checkpoints, C: dict, info: DistInfo):
+def _claim_run_dir(run_dir: Path, ckpts: Checkpoints, C: CkptConfig, info: DistInfo):
     "A fresh run needs an unused run dir; with ckpt.overwrite rank 0 first deletes the old run's files. Agreed by all processes."
-    if C['resume'] not in NO_RESUME: return
+    if C.resume not in NO_RESUME: return
     found = _run_dir_contents(run_dir, ckpts)
     used = bool(found)
     if info.distributed:                                  # every process must stop, not only those that see the files
         t = torch.tensor([int(used)], dtype=torch.int64, device=info.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX); used = bool(t.item())
     if not used: return
-    if not C.get('overwrite', False):
+    if not C.overwrite:
         raise RunDirInUse(f"run dir {run_dir} already holds a run ({', '.join(found) or 'seen by another process'}). "
                           f"Continue it with --resume auto (ckpt.resume=auto), start over in it with --overwrite "
                           f"(ckpt.overwrite=true: deletes its checkpoints, weights and logs), or give another --run-dir")
@@ -480,148 +490,350 @@ def export_weights(checkpoint, out, half: bool = False) -> Path:
     "Write just the model weights of a training checkpoint (or state dict) for inference; fp16 floats if `half`."
     ck = load_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
     sd = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ck['model'].items()}
-    return atomic_save({'preset': ck['preset'], 'model_kwargs': dict(ck.get('model_kwargs', {})), 'model': sd,
+    return atomic_save({'task': ck.get('task', 'cmp'), 'preset': ck['preset'], 'model_kwargs': dict(ck.get('model_kwargs', {})), 'model': sd,
                         'iteration': int(ck.get('iteration', 0)), 'config': ck.get('config')}, out)
 
+
+# %% ../nbs/05_train.ipynb #3f21cde5
+class Task:
+    "What the trainer optimises: the model it builds, the loss of a batch, the validation metrics."
+    name = 'task'
+    panel_tag = None                       # TensorBoard tag of the task's picture (None: no picture)
+
+    def __init__(self, cfg: Config): self.cfg = cfg
+    def build_model(self) -> nn.Module: raise NotImplementedError
+    def setup(self, model: nn.Module) -> None:
+        "Called once with the built (unwrapped) model, before training."
+    def build_datasets(self) -> tuple: return build_datasets(self.cfg)
+    def predict(self, model: nn.Module, batch: dict): raise NotImplementedError
+    def loss(self, out, batch: dict) -> torch.Tensor: raise NotImplementedError
+    def evaluate(self, model: nn.Module, dataset, device, batch_size: int, max_samples: int) -> dict: return {}
+    def val_line(self, metrics: dict) -> str:
+        return ' | '.join(f'{k} {v:.4g}' for k, v in metrics.items() if k != 'samples')
+    def panel(self, model: nn.Module, batch: dict, out) -> np.ndarray | None: return None
+
+# %% ../nbs/05_train.ipynb #2f2b6f66
+class CMPTask(Task):
+    "Conditional motion propagation: dense flow from the image and sparse guidance, as classification over bins."
+    name, panel_tag = 'cmp', 'train/guidance_pred_target'
+
+    def build_model(self) -> nn.Module: return build_model(self.cfg.model.preset, **self.cfg.model.kwargs)
+    def setup(self, model: nn.Module):
+        self.nbins, self.fmax = model.nbins, model.fmax
+        self.loss_fn = DiscreteFlowLoss(model.nbins, model.fmax)
+    def predict(self, model, batch): return model(batch['image'], batch['sparse'])
+    def loss(self, out, batch): return self.loss_fn(out.float(), batch['flow'], batch.get('valid'))
+    def evaluate(self, model, dataset, device, batch_size, max_samples):
+        return evaluate(model, dataset, device, batch_size, max_samples)
+    def val_line(self, m: dict) -> str:
+        return (f"EPE {m['epe']:.3f} px | zero flow {m['epe_zero']:.3f} | nearest guidance {m['epe_nearest']:.3f} "
+                f"({m['samples']} held-out samples)")
+    def panel(self, model, batch, out):
+        fl = dense_flow(out[:1].float(), self.nbins, self.fmax, batch['image'].shape[-2:])
+        return flow_panel(batch['image'][0], batch['sparse'][0], fl[0], batch['flow'][0])
+
+# %% ../nbs/05_train.ipynb #2b8aac0b
+TASKS = {}
+
+def register_task(cls: type) -> type:
+    "Make a Task subclass available as `task.name=<cls.name>` (usable as a class decorator)."
+    if not (isinstance(cls, type) and issubclass(cls, Task)): raise TypeError(f'{cls!r} is not a Task subclass')
+    TASKS[cls.name] = cls
+    return cls
+
+register_task(CMPTask)
+
+def get_task(cfg: dict | Config) -> Task:
+    "The Task object the config's `task.name` and `task.kwargs` describe."
+    cfg = as_config(cfg)
+    name, kw = cfg.task.name, cfg.task.kwargs
+    if name not in TASKS: raise ValueError(f"task.name: unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    try: return TASKS[name](cfg, **kw)
+    except TypeError as e:
+        if not kw: raise
+        raise ValueError(f'task.kwargs {kw!r} do not fit task {name!r}: {e}') from None
+
+# %% ../nbs/05_train.ipynb #96a2a014
+class Callback:
+    "A service of the training loop: methods named after the Learner's events, each taking the learner."
+    order = 0
+
+EVENTS = ('before_setup', 'before_model', 'after_model', 'before_fit', 'before_batch', 'after_pred', 'after_loss',
+          'after_backward', 'after_step', 'after_batch', 'after_fit', 'cleanup_fit')
+
+def _detach(x):
+    if torch.is_tensor(x): return x.detach()
+    if isinstance(x, (list, tuple)): return type(x)(_detach(v) for v in x)
+    if isinstance(x, dict): return {k: _detach(v) for k, v in x.items()}
+    return x
+
+# %% ../nbs/05_train.ipynb #1791ae37
+class Learner:
+    "The training loop for any Task: its steps are hooks, its services callbacks."
+    def __init__(self, cfg: dict | Config, task: Task = None, cbs=(), default_cbs: bool = True):
+        self.cfg = as_config(cfg, 'the config given to train()')
+        self.task = task if task is not None else get_task(self.cfg)
+        cbs = (default_callbacks() if default_cbs else []) + list(cbs)
+        for cb in cbs:
+            bad = [n for n in dir(cb) if n.startswith(('before_', 'after_', 'cleanup_')) and n not in EVENTS]
+            if bad: raise ValueError(f'{type(cb).__name__}: unknown event method(s) {bad}; events are {EVENTS}')
+        self.cbs = sorted(cbs, key=lambda cb: cb.order)
+        self.stop, self.stopping, self.bar, self.last_val, self.summary = None, False, None, None, None
+        self.start, self.it, self.data_state, self.elapsed0 = 0, 0, {}, 0.0
+
+    def __call__(self, event: str):
+        for cb in self.cbs:
+            f = getattr(cb, event, None)
+            if f is not None: f(self)
+
+    def record(self, prefix: str, values: dict):
+        "Hand scalars (at iteration `self.it`) to every callback with a `record` method."
+        for cb in self.cbs:
+            if hasattr(cb, 'record'): cb.record(self, prefix, values)
+
+    def line(self, text: str):
+        "Print on rank 0 (through the progress bar when there is one)."
+        info = getattr(self, 'info', None)
+        if info is not None and not info.is_main: return
+        if self.bar is not None: self.bar.write(text, file=sys.stdout)
+        else: print(text, flush=True)
+        sys.stdout.flush()
+
+    @property
+    def last(self) -> bool: return self.it == self.cfg.train.iters
+    @property
+    def global_batch(self) -> int: return self.cfg.train.batch_size * self.info.world_size
+
+    def state(self, procs: list) -> dict:
+        "The training state at this iteration (`training_state`), with the wall time so far."
+        return training_state(self.core, self.opt, self.sched, self.scaler, self.it, self.cfg, self.info, procs,
+                              self.elapsed0 + time.time() - self.t_start)
+
+# %% ../nbs/05_train.ipynb #5d2a673f
+def _setup_process(self: Learner):
+    "Join the process group, pick the device, set threads and determinism."
+    T = self.cfg.train
+    self.info = setup_distributed(T.device)
+    if T.threads: torch.set_num_threads(T.threads)
+    if T.deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif self.info.device.type == 'cuda': torch.backends.cudnn.benchmark = True
+
+def _setup_model(self: Learner):
+    "Seed, then the task's model on the device, its optimiser, schedule and gradient scaler."
+    seed_everything(self.cfg.train.seed)                 # the same initial weights on every process
+    self.core = build_train_model(self.cfg, self.info, self.task)
+    self.opt, self.sched = build_optimizer(self.core, self.cfg, self.info.world_size)
+    self.scaler = make_scaler(self.cfg.train.amp, self.info.device)
+    self.task.setup(self.core)
+
+def _setup_data(self: Learner):
+    "The datasets, the loader (from the resumed iteration) and the wrapped model."
+    self.train_ds, self.val_ds = self.task.build_datasets()
+    self.loader = make_loader(self.train_ds, self.cfg, self.info, self.start, self.data_state)
+    self.model = wrap_model(self.core, self.cfg, self.info)
+    self.it = self.start
+
+Learner.setup_process, Learner.setup_model, Learner.setup_data = _setup_process, _setup_model, _setup_data
+
+# %% ../nbs/05_train.ipynb #c68dac98
+def _predict(self: Learner):
+    with autocast_for(self.cfg.train.amp, self.info.device): self.out = self.task.predict(self.model, self.batch)
+
+def _get_loss(self: Learner): self.loss = self.task.loss(self.out, self.batch)   # float32, outside autocast
+
+def _backward(self: Learner):
+    self.opt.zero_grad(set_to_none=True)
+    self.scaler.scale(self.loss).backward()
+
+def _step(self: Learner):
+    self.scaler.step(self.opt); self.scaler.update(); self.sched.step()
+
+Learner.predict, Learner.get_loss, Learner.backward, Learner.step = _predict, _get_loss, _backward, _step
+
+# %% ../nbs/05_train.ipynb #2e9160c1
+def _one_batch(self: Learner):
+    self.batch = batch_to_device(self.batch, self.info.device, self.cfg.train.channels_last)
+    self.lr = self.opt.param_groups[0]['lr']        # the lr of this step (`step` sets the next one)
+    self('before_batch')
+    self.predict();  self('after_pred')
+    self.get_loss(); self('after_loss')
+    self.backward(); self('after_backward')
+    self.step();     self('after_step')
+    self.out, self.loss = _detach(self.out), self.loss.detach()
+    self.it += 1
+    self('after_batch')
+
+def _fit(self: Learner) -> dict:
+    "Set up, train (or resume) to `train.iters` or a stop signal; returns the summary."
+    self.t_start = time.time()
+    try:
+        self('before_setup')
+        self.setup_process(); self('before_model')
+        self.setup_model();   self('after_model')
+        self.setup_data();    self('before_fit')
+        self.model.train()
+        for self.batch in (() if self.stopping else self.loader):
+            self.one_batch()
+            if self.stopping: break
+        self.summary = {'iteration': self.it, 'iters': self.cfg.train.iters, 'run_dir': str(Path(self.cfg.ckpt.run_dir)),
+                        'signal': self.stop.signum if (self.stopping and self.stop) else None, 'val': self.last_val,
+                        'wall_time_s': self.elapsed0 + time.time() - self.t_start, 'world_size': self.info.world_size}
+        self('after_fit')
+    finally: self('cleanup_fit')
+    if self.info.distributed: dist.barrier()
+    return self.summary
+
+Learner.one_batch, Learner.fit = _one_batch, _fit
+
+# %% ../nbs/05_train.ipynb #6579af14
+class StopCB(Callback):
+    "SIGTERM/SIGUSR1 become `learn.stopping`; a non-finite loss on any process stops every process."
+    order = 90
+    def before_setup(self, learn): learn.stop = StopRequest()
+    def before_fit(self, learn):
+        learn.stopping = learn.stop.sync(learn.info)   # a signal during start-up: no step, nothing new to save
+        if learn.stopping:
+            learn.line(f'cmp_train: signal {learn.stop.signum} received during start-up; no step taken; exiting')
+    def after_loss(self, learn): learn.stopping = learn.stop.sync(learn.info, learn.loss)   # before backward
+    def cleanup_fit(self, learn):
+        if learn.stop is not None: learn.stop.close()
+
+# %% ../nbs/05_train.ipynb #b2aa880f
+class ProgressCB(Callback):
+    "A tqdm bar on rank 0 (on a terminal or in Jupyter) with the latest loss and lr."
+    order = 0
+    def before_fit(self, learn):
+        if not (learn.info.is_main and learn.cfg.log.progress): return
+        if not (sys.stderr.isatty() or 'ipykernel' in sys.modules): return
+        from tqdm.auto import tqdm
+        learn.bar = tqdm(total=learn.cfg.train.iters, initial=learn.start, desc='cmp_train', unit='it',
+                         dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+    def after_batch(self, learn):
+        if learn.bar is not None: learn.bar.update(1)
+    def record(self, learn, prefix, values):
+        if learn.bar is not None and prefix == 'train':
+            learn.bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.3g}")
+    def cleanup_fit(self, learn):
+        if learn.bar is not None: learn.bar.close(); learn.bar = None
+
+# %% ../nbs/05_train.ipynb #ce8650d4
 def _json_number(v):
     "A metric for strict JSON: floats that are not finite (nan, inf) become None (JSON null)."
     v = float(v) if isinstance(v, (float, np.floating)) or torch.is_tensor(v) else v
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
-class _Log:
-    "Rank-0 outputs: console lines, metrics.jsonl, TensorBoard (optional)."
-    def __init__(self, cfg: dict, run_dir: Path, start: int, enabled: bool):
-        self.enabled, self.tb, self.bar = enabled, None, None
-        if not enabled: return
-        self.metrics = open(run_dir / 'metrics.jsonl', 'a')
-        if cfg['log']['tensorboard']:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(run_dir / 'tb'), purge_step=start or None)
-            except ImportError as e: warnings.warn(f'TensorBoard logging off ({e}); pip install tensorboard')
-        if cfg['log']['progress'] and (sys.stderr.isatty() or 'ipykernel' in sys.modules):   # logs get plain lines
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=cfg['train']['iters'], initial=start, desc='cmp_train', unit='it', dynamic_ncols=True,
-                            file=sys.stderr, mininterval=1.0)
+def metrics_row(it: int, prefix: str, values: dict) -> str:
+    "One strict-JSON line of `metrics.jsonl`."
+    return json.dumps({'iter': it, **{f'{prefix}/{k}': _json_number(v) for k, v in values.items()}},
+                      allow_nan=False) + '\n'
 
-    def line(self, text: str):
-        if not self.enabled: return
-        if self.bar is not None: self.bar.write(text, file=sys.stdout)
-        else: print(text, flush=True)
-        sys.stdout.flush()
+class MetricsCB(Callback):
+    "The training loss (mean over `log.every` iterations and all processes), lr and pairs/s; metrics.jsonl."
+    order = 10
+    def before_fit(self, learn):
+        self.f, self.run_loss, self.n, self.t = None, torch.zeros((), device=learn.info.device), 0, time.time()
+        if learn.info.is_main: self.f = open(Path(learn.cfg.ckpt.run_dir) / 'metrics.jsonl', 'a')
+        c = learn.cfg
+        learn.line(f"cmp_train: task {c.task.name}, {c.model.preset} on {learn.info.device} x {learn.info.world_size} "
+                   f"process(es), batch {c.train.batch_size}/process, lr {base_lr(c, learn.info.world_size):g}, "
+                   f"iterations {learn.start}->{c.train.iters}, run dir {c.ckpt.run_dir}")
+    def after_batch(self, learn):
+        self.run_loss += learn.loss; self.n += 1
+        if not (learn.it % learn.cfg.log.every == 0 or learn.last): return
+        loss = float(all_reduce_mean(self.run_loss / self.n, learn.info))     # collective: every process
+        now = time.time(); rate = self.n * learn.global_batch / max(now - self.t, 1e-9)
+        learn.record('train', {'loss': loss, 'lr': learn.lr, 'pairs_per_s': rate})
+        learn.line(f"it {learn.it}/{learn.cfg.train.iters} loss {loss:.4f} lr {learn.lr:.5g} pairs/s {rate:.1f}")
+        self.run_loss, self.n, self.t = torch.zeros((), device=learn.info.device), 0, now
+    def record(self, learn, prefix, values):
+        if self.f is not None: self.f.write(metrics_row(learn.it, prefix, values)); self.f.flush()
+    def cleanup_fit(self, learn):
+        if getattr(self, 'f', None) is not None: self.f.close(); self.f = None
 
-    def scalars(self, it: int, values: dict, prefix: str):
-        if not self.enabled: return
-        row = {'iter': it, **{f'{prefix}/{k}': _json_number(v) for k, v in values.items()}}
-        self.metrics.write(json.dumps(row, allow_nan=False) + '\n'); self.metrics.flush()
+# %% ../nbs/05_train.ipynb #dd597e96
+class TensorBoardCB(Callback):
+    "Scalars and the task's picture in `run_dir/tb` (rank 0; off without the tensorboard package)."
+    order = 20
+    def before_fit(self, learn):
+        self.tb = None
+        if not (learn.info.is_main and learn.cfg.log.tensorboard): return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(Path(learn.cfg.ckpt.run_dir) / 'tb'), purge_step=learn.start or None)
+        except ImportError as e: warnings.warn(f'TensorBoard logging off ({e}); pip install tensorboard')
+    def record(self, learn, prefix, values):
         if self.tb is not None:
-            for k, v in values.items(): self.tb.add_scalar(f'{prefix}/{k}', v, it)
+            for k, v in values.items(): self.tb.add_scalar(f'{prefix}/{k}', v, learn.it)
+    def after_batch(self, learn):
+        every = learn.cfg.log.image_every
+        if self.tb is None or learn.task.panel_tag is None or not every: return
+        if not (learn.it % every == 0 or learn.last): return
+        with torch.no_grad(): img = learn.task.panel(learn.core, learn.batch, learn.out)
+        if img is not None: self.tb.add_image(learn.task.panel_tag, img, learn.it, dataformats='HWC')
+    def cleanup_fit(self, learn):
+        if getattr(self, 'tb', None) is not None: self.tb.close(); self.tb = None
 
-    def image(self, it: int, tag: str, img: np.ndarray):
-        if self.enabled and self.tb is not None: self.tb.add_image(tag, img, it, dataformats='HWC')
+# %% ../nbs/05_train.ipynb #72f4df81
+class ValidationCB(Callback):
+    "The task's validation metrics every `log.val_every` iterations and at the end (rank 0)."
+    order = 30
+    def after_batch(self, learn):
+        L, bs = learn.cfg.log, learn.cfg.train.batch_size
+        if not learn.info.is_main or learn.val_ds is None: return
+        if not ((L.val_every and learn.it % L.val_every == 0) or learn.last): return
+        m = learn.task.evaluate(learn.core, learn.val_ds, learn.info.device, bs, L.val_batches * bs)
+        learn.last_val = m
+        learn.record('val', {k: v for k, v in m.items() if k != 'samples'})
+        learn.line(f'val it {learn.it}: ' + learn.task.val_line(m))
 
-    def close(self):
-        if not self.enabled: return
-        if self.bar is not None: self.bar.close()
-        if self.tb is not None: self.tb.close()
-        self.metrics.close()
+# %% ../nbs/05_train.ipynb #3526dde6
+class CheckpointCB(Callback):
+    "Claim the run dir, resume, save the config, checkpoints and the final weights."
+    order = 40
+    def before_model(self, learn):
+        C, info = learn.cfg.ckpt, learn.info
+        self.run_dir, self.ckpts = Path(C.run_dir), Checkpoints(C.run_dir, C.keep)
+        if info.is_main: self.run_dir.mkdir(parents=True, exist_ok=True); self.ckpts.clean_temp()
+        _claim_run_dir(self.run_dir, self.ckpts, C, info)
+    def after_model(self, learn):
+        info = learn.info
+        try: state = _resume_state(learn.cfg.ckpt.resume, self.ckpts, info)
+        except (ValueError, FileNotFoundError):
+            _agree_on_start(-1, info, self.run_dir)             # the other processes fail too, instead of waiting
+            raise
+        if state is not None:
+            learn.start, learn.data_state = restore_training_state(state, learn.core, learn.opt, learn.sched,
+                                                                   learn.scaler, learn.cfg, info)
+            learn.elapsed0 = float(state.get('elapsed', 0.0))
+        _agree_on_start(learn.start, info, self.run_dir)
+    def before_fit(self, learn):
+        if learn.info.is_main: save_config(learn.cfg, self.run_dir / 'config.yaml')
+    def after_batch(self, learn):
+        if not (learn.it % learn.cfg.ckpt.every == 0 or learn.last or learn.stopping): return
+        procs = gather_states(learn.info, learn.loader.state())
+        if learn.info.is_main:
+            p = self.ckpts.save(learn.state(procs), learn.it)
+            if learn.stopping:
+                learn.line(f'cmp_train: signal {learn.stop.signum} received; saved {p} at iteration {learn.it}; exiting')
+        if learn.info.distributed: dist.barrier()
+    def after_fit(self, learn):
+        if not (learn.info.is_main and not learn.stopping and learn.it >= learn.cfg.train.iters): return
+        export_weights(learn.state([]), self.run_dir / 'model.pt')
+        atomic_write_text(self.run_dir / 'summary.json', json.dumps(learn.summary, indent=1))
+        learn.line(f"cmp_train: done, {learn.it} iterations in {learn.summary['wall_time_s'] / 60:.1f} min; "
+                   f"weights in {self.run_dir / 'model.pt'}")
 
-# %% ../nbs/05_train.ipynb #c035
-def train(cfg: dict) -> dict:
-    "Run (or resume) the training described by a resolved config. Returns a summary dict."
-    cfg = check_config(cfg, 'the config given to train()')
-    stop = StopRequest()                      # first: a SIGTERM during start-up is caught and ends the run cleanly
-    try: return _train(cfg, stop)
-    finally: stop.close()
+# %% ../nbs/05_train.ipynb #605d956e
+def default_callbacks() -> list:
+    "The services every run has: stop signals, progress, metrics, TensorBoard, validation, checkpoints."
+    return [StopCB(), ProgressCB(), MetricsCB(), TensorBoardCB(), ValidationCB(), CheckpointCB()]
 
-def _train(cfg: dict, stop: StopRequest) -> dict:
-    t_start = time.time()
-    T, L, C = cfg['train'], cfg['log'], cfg['ckpt']
-    info = setup_distributed(T['device'])
-    if T['threads']: torch.set_num_threads(T['threads'])
-    if T['deterministic']:
-        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif info.device.type == 'cuda': torch.backends.cudnn.benchmark = True
-    run_dir = Path(C['run_dir']); ckpts = Checkpoints(run_dir, C['keep'])
-    if info.is_main: run_dir.mkdir(parents=True, exist_ok=True); ckpts.clean_temp()
-    _claim_run_dir(run_dir, ckpts, C, info)
-
-    seed_everything(T['seed'])                                  # the same initial weights on every process
-    model = build_train_model(cfg, info)
-    opt, sched = build_optimizer(model, cfg, info.world_size)
-    scaler = make_scaler(T['amp'], info.device)
-    try: state = _resume_state(C['resume'], ckpts, info)
-    except (ValueError, FileNotFoundError):
-        _agree_on_start(-1, info, run_dir)                      # the other processes fail too, instead of waiting
-        raise
-    start, data_state = restore_training_state(state, model, opt, sched, scaler, cfg, info) if state is not None else (0, {})
-    _agree_on_start(start, info, run_dir)
-    elapsed0 = float(state.get('elapsed', 0.0)) if state is not None else 0.0
-    del state
-    core = model
-    train_ds, val_ds = build_datasets(cfg)
-    loader = make_loader(train_ds, cfg, info, start, data_state)
-    model = wrap_model(core, cfg, info)
-    loss_fn = DiscreteFlowLoss(core.nbins, core.fmax)
-    if info.is_main: save_config(cfg, run_dir / 'config.yaml')
-    log = _Log(cfg, run_dir, start, info.is_main)
-    if info.is_main:
-        log.line(f"cmp_train: {cfg['model']['preset']} on {info.device} x {info.world_size} process(es), "
-                 f"batch {T['batch_size']}/process, lr {base_lr(cfg, info.world_size):g}, iterations {start}->{T['iters']}, "
-                 f"run dir {run_dir}")
-    amp_ctx, sync = (lambda: autocast_for(T['amp'], info.device)), (lambda loss: stop.sync(info, loss))
-    it, run_loss, n_loss, t_log, last_val = start, torch.zeros((), device=info.device), 0, time.time(), None
-    global_batch = T['batch_size'] * info.world_size
-    stopped = stop.sync(info)                  # a signal during start-up: no step ran, nothing new to save
-    if stopped: log.line(f'cmp_train: signal {stop.signum} received during start-up; no step taken; exiting')
-    model.train()
-    try:
-        for batch in (() if stopped else loader):
-            batch = batch_to_device(batch, info.device, T['channels_last'])
-            lr = opt.param_groups[0]['lr']     # the lr of this step (train_step's sched.step() sets the next one)
-            loss, logits = train_step(model, batch, loss_fn, opt, sched, scaler, amp_ctx(), check=sync)
-            stopped = stop.stopping            # agreed by all processes inside train_step (the same all-reduce)
-            it += 1; run_loss += loss; n_loss += 1
-            if log.bar is not None: log.bar.update(1)
-            last = it == T['iters']
-            if it % L['every'] == 0 or last:
-                mean_loss = float(all_reduce_mean(run_loss / n_loss, info))
-                now = time.time(); rate = n_loss * global_batch / max(now - t_log, 1e-9)
-                log.scalars(it, {'loss': mean_loss, 'lr': lr, 'pairs_per_s': rate}, 'train')
-                log.line(f"it {it}/{T['iters']} loss {mean_loss:.4f} lr {lr:.5g} pairs/s {rate:.1f}")
-                if log.bar is not None: log.bar.set_postfix(loss=f'{mean_loss:.3f}', lr=f'{lr:.3g}')
-                run_loss, n_loss, t_log = torch.zeros((), device=info.device), 0, now
-            if info.is_main and L['image_every'] and (it % L['image_every'] == 0 or last) and log.tb is not None:
-                with torch.no_grad():
-                    fl = logits_to_flow(logits[:1].float(), core.nbins, core.fmax)
-                    fl = F.interpolate(fl, size=batch['image'].shape[-2:], mode='bilinear', align_corners=True)
-                log.image(it, 'train/guidance_pred_target', flow_panel(batch['image'][0], batch['sparse'][0], fl[0], batch['flow'][0]))
-            if info.is_main and val_ds is not None and ((L['val_every'] and it % L['val_every'] == 0) or last):
-                last_val = evaluate(core, val_ds, info.device, T['batch_size'], L['val_batches'] * T['batch_size'])
-                log.scalars(it, {k: v for k, v in last_val.items() if k != 'samples'}, 'val')
-                log.line(f"val it {it}: EPE {last_val['epe']:.3f} px | zero flow {last_val['epe_zero']:.3f} | "
-                         f"nearest guidance {last_val['epe_nearest']:.3f} ({last_val['samples']} held-out samples)")
-            if it % C['every'] == 0 or last or stopped:
-                procs = gather_states(info, loader.state())
-                if info.is_main:
-                    p = ckpts.save(training_state(core, opt, sched, scaler, it, cfg, info, procs,
-                                                  elapsed0 + time.time() - t_start), it)
-                    if stopped: log.line(f'cmp_train: signal {stop.signum} received; saved {p} at iteration {it}; exiting')
-                if info.distributed: dist.barrier()
-            if stopped: break
-    finally:
-        log.close()
-    wall = elapsed0 + time.time() - t_start
-    summary = {'iteration': it, 'iters': T['iters'], 'run_dir': str(run_dir), 'signal': stop.signum if stopped else None,
-               'val': last_val, 'wall_time_s': wall, 'world_size': info.world_size}
-    if info.is_main and not stopped and it >= T['iters']:
-        export_weights(training_state(core, opt, sched, scaler, it, cfg, info, []), run_dir / 'model.pt')
-        (run_dir / 'summary.json').write_text(json.dumps(summary, indent=1))
-        log.line(f'cmp_train: done, {it} iterations in {wall / 60:.1f} min; weights in {run_dir / "model.pt"}')
-    if info.distributed: dist.barrier()
-    return summary
+def train(cfg: dict | Config, cbs=()) -> dict:
+    "Run (or resume) the training described by a config, with `cbs` besides the defaults. Returns a summary dict."
+    return Learner(cfg, cbs=cbs).fit()
 
 # %% ../nbs/05_train.ipynb #c047
 def to_torchvision_resnet(encoder_sd: dict) -> dict:
