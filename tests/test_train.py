@@ -458,3 +458,48 @@ def test_export_encoder_names_a_bad_file(reference, tmp_path):
                            env=_env(), cwd=ROOT, timeout=120)
         assert p.returncode == 2, p.stderr
         assert f'model file {tmp_path / name} is ' in p.stderr and 'Traceback' not in p.stderr, p.stderr
+
+
+def _dist_bn_worker(rank, world, port, x, out_dir):
+    "One of two gloo processes: DistBatchNorm2d on its half of the batch; writes output, input grad, stats."
+    import torch.distributed as dist
+    from cmp_nb.train import DistBatchNorm2d
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        bn = DistBatchNorm2d(3)
+        with torch.no_grad(): bn.weight.copy_(torch.tensor([1., 2., .5])); bn.bias.copy_(torch.tensor([0., 1., -1.]))
+        xs = x.chunk(world)[rank].clone().requires_grad_(True)
+        y = bn(xs)
+        (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y).cos()).sum().backward()
+        torch.save({'y': y.detach(), 'gx': xs.grad, 'mean': bn.running_mean, 'var': bn.running_var,
+                    'gw': bn.weight.grad}, Path(out_dir) / f'rank{rank}.pt')
+    finally: dist.destroy_process_group()
+
+
+def test_dist_batchnorm_two_processes_equal_one_big_batch(tmp_path):
+    """DistBatchNorm2d over 2 gloo processes with half a batch each computes what nn.BatchNorm2d computes on the
+    whole batch: outputs, input gradients, running statistics and, summed over processes as DDP does, the
+    weight gradient. DistBatchNorm2d computes in float32, summing each channel's 4*5*6 = 120 values in another
+    order than BatchNorm2d: each sum may differ by up to n*u = 120 * 2**-24 relative, twice over (mean, then
+    variance), which sets the tolerance."""
+    import socket
+    import torch.multiprocessing as tmp_mp
+    x = torch.randn(4, 3, 5, 6) * 3 + 1
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    tmp_mp.start_processes(_dist_bn_worker, args=(2, port, x, str(tmp_path)), nprocs=2, start_method='fork')
+    r = [torch.load(tmp_path / f'rank{k}.pt', weights_only=True) for k in range(2)]
+    bn = torch.nn.BatchNorm2d(3)
+    with torch.no_grad(): bn.weight.copy_(torch.tensor([1., 2., .5])); bn.bias.copy_(torch.tensor([0., 1., -1.]))
+    xf = x.clone().requires_grad_(True)
+    y = bn(xf)
+    halves = [torch.arange(y[:2].numel(), dtype=y.dtype).view_as(y[:2]).cos()] * 2
+    (y * torch.cat(halves)).sum().backward()
+    tol = 2 * 120 * 2**-24
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()))
+    close(torch.cat([r[0]['y'], r[1]['y']]), y.detach())
+    close(torch.cat([r[0]['gx'], r[1]['gx']]), xf.grad)
+    for k in range(2):
+        close(r[k]['mean'], bn.running_mean); close(r[k]['var'], bn.running_var)
+    close(r[0]['gw'] + r[1]['gw'], bn.weight.grad)
