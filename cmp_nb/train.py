@@ -301,21 +301,24 @@ def _valid_mask(batch: dict, flow: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, device=None, batch_size: int = 8, max_samples: int = None,
-             seed: int = 12345) -> dict:
-    "EPE of the model, of zero flow and of nearest-guidance flow over (the first `max_samples` of) a dataset."
+             seed: int = 12345, guided: bool = True) -> dict:
+    """EPE of the model, of zero flow and of nearest-guidance flow over (the first `max_samples` of) a dataset.
+    `guided=False` gives the model no guidance (flow prediction from the image alone) and reports no baseline
+    that uses guidance."""
     n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
     if n == 0: raise ValueError('evaluate: the dataset is empty')
     device = next(unwrap(model).parameters()).device if device is None else torch.device(device)
     ds, was = SeededSamples(dataset), model.training
-    sums, count = {'epe': 0., 'epe_zero': 0., 'epe_nearest': 0.}, 0
+    sums, count = {'epe': 0., 'epe_zero': 0., **({'epe_nearest': 0.} if guided else {})}, 0
     model.eval()
     try:
         for s in range(0, n, batch_size):
             batch = collate([ds[(i, sample_seed(seed, 0, i))] for i in range(s, min(n, s + batch_size))])
             image, sparse, flow = (batch[k].to(device).float() for k in ('image', 'sparse', 'flow'))
             valid = _valid_mask(batch, flow)
-            preds = {'epe': predict_flow(model, image, sparse), 'epe_zero': torch.zeros_like(flow),
-                     'epe_nearest': nearest_guidance_flow(sparse)}
+            preds = {'epe': predict_flow(model, image, sparse if guided else torch.zeros_like(sparse)),
+                     'epe_zero': torch.zeros_like(flow)}
+            if guided: preds['epe_nearest'] = nearest_guidance_flow(sparse)
             for k, p in preds.items():
                 sums[k] += float(torch.linalg.vector_norm(p.float() - flow, dim=1)[valid].double().sum())
             count += int(valid.sum())
