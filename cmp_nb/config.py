@@ -63,7 +63,8 @@ class OptimConfig:
     lr: float = 0.1                       # the paper: 0.1 at global batch 160
     momentum: float = 0.9                 # sgd only
     weight_decay: float = 1e-4
-    milestones: list = field(default_factory=lambda: [2 / 3.5, 3 / 3.5])  # lr x gamma at these fractions of iters
+    # lr x gamma at these fractions of iters:
+    milestones: list = field(default_factory=lambda: [2 / 3.5, 3 / 3.5])
     gamma: float = 0.1
     warmup_iters: int = 0                 # linear warmup length (0 = none)
     warmup_factor: float = 0.1            # warmup starts at lr * warmup_factor
@@ -77,7 +78,7 @@ class CkptConfig:
     every: int = 1000                     # save a checkpoint every this many iterations (and at the end)
     keep: int = 3                         # keep the newest k checkpoints
     resume: str | None = None             # None | auto | path to a checkpoint
-    overwrite: bool = False               # a fresh run in a used run dir first deletes its files (else: refused)
+    overwrite: bool = False               # delete a used run dir's files before a fresh run (else: refused)
 
 @dataclass
 class LogConfig:
@@ -94,7 +95,8 @@ SECTIONS = {'model': ModelConfig, 'task': TaskConfig, 'data': DataConfig, 'train
 
 @dataclass
 class Config:
-    "A whole run, section by section: `cfg.train.iters`, `cfg.data.crop`, ... (`as_config` builds one, checked)."
+    """A whole run, section by section: `cfg.train.iters`, `cfg.data.crop`, ... (`as_config` builds one,
+    checked)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -128,8 +130,9 @@ def _coerce(key: str, value, default):
     "`value` converted to the type of `default`, or a ValueError naming the key."
     if default is None: default = NONE_TYPED.get(key)          # keys whose default is None still have a type
     if default is None or value is None: return value
-    if isinstance(default, tuple):                              # data.train / data.val: a path or a list of paths
-        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)): return value
+    if isinstance(default, tuple):                      # data.train / data.val: a path or a list of paths
+        if isinstance(value, str) or (isinstance(value, list) and value
+                                      and all(isinstance(v, str) for v in value)): return value
         raise ValueError(f'config key {key!r}: expected a path or a list of paths, got {value!r}')
     bad = ValueError(f'config key {key!r}: expected {type(default).__name__}, got {value!r}')
     if isinstance(default, bool):
@@ -159,20 +162,26 @@ def _coerce(key: str, value, default):
     return value
 
 # %% ../nbs/05a_config.ipynb #c012b
-RANGES = {                    # key: (lowest, highest); '>' / '<' in front: the bound itself is excluded; None: no bound
-    'data.crop': (32, None), 'data.short_side': (1, None), 'data.nms_ks': (1, None), 'data.grid_stride': (1, None),
-    'data.max_points': (0, None), 'data.num_workers': (0, None), 'data.train_size': (1, None), 'data.val_size': (0, None),
-    'train.iters': (1, None), 'train.batch_size': (1, None), 'train.seed': (0, 2**63 - 1), 'train.threads': (0, None),
-    'optim.lr': ('>0', None), 'optim.momentum': (0, '<1'), 'optim.weight_decay': (0, None), 'optim.milestones': ('>0', 1),
-    'optim.gamma': ('>0', None), 'optim.warmup_iters': (0, None), 'optim.warmup_factor': ('>0', 1),
-    'optim.base_batch': (1, None), 'ckpt.every': (1, None), 'ckpt.keep': (1, None),
-    'log.every': (1, None), 'log.val_every': (0, None), 'log.val_batches': (1, None), 'log.image_every': (0, None),
+# key: (lowest, highest); '>' / '<' in front: the bound itself is excluded; None: no bound
+RANGES = {
+    'data.crop': (32, None), 'data.short_side': (1, None), 'data.nms_ks': (1, None),
+    'data.grid_stride': (1, None), 'data.max_points': (0, None), 'data.num_workers': (0, None),
+    'data.train_size': (1, None), 'data.val_size': (0, None),
+    'train.iters': (1, None), 'train.batch_size': (1, None), 'train.seed': (0, 2**63 - 1),
+    'train.threads': (0, None),
+    'optim.lr': ('>0', None), 'optim.momentum': (0, '<1'), 'optim.weight_decay': (0, None),
+    'optim.milestones': ('>0', 1), 'optim.gamma': ('>0', None), 'optim.warmup_iters': (0, None),
+    'optim.warmup_factor': ('>0', 1), 'optim.base_batch': (1, None),
+    'ckpt.every': (1, None), 'ckpt.keep': (1, None),
+    'log.every': (1, None), 'log.val_every': (0, None), 'log.val_batches': (1, None),
+    'log.image_every': (0, None),
 }
 ODD = {'data.nms_ks'}                                             # the NMS window has a centre pixel
 CHOICES = {'data.kind': ('synthetic', 'manifest', 'shards'), 'train.amp': ('none', 'bf16', 'fp16'),
            'optim.name': ('sgd', 'adam', 'adamw')}
 NULLABLE = {'data.short_side', 'data.grid_stride'}                # besides the keys whose default is None
 
+# %% ../nbs/05a_config.ipynb #9bf41a3e
 def _bound_text(lo, hi) -> str:
     lo_s = None if lo is None else (f'> {lo[1:]}' if isinstance(lo, str) else f'>= {lo}')
     hi_s = None if hi is None else (f'< {hi[1:]}' if isinstance(hi, str) else f'<= {hi}')
@@ -189,11 +198,13 @@ def _default(key: str):
     for part in key.split('.'): d = d[part]
     return d
 
+# %% ../nbs/05a_config.ipynb #d4d97876
 def check_value(key: str, value, source: str = 'config'):
     "ValueError naming `key`, `value` and `source` when a (type-checked) value is outside what the key allows."
     if value is None:
         if _default(key) is None or key in NULLABLE: return value
-        raise ValueError(f'config key {key!r} in {source} needs a value, got null (default: {_default(key)!r})')
+        raise ValueError(f'config key {key!r} in {source} needs a value, got null '
+                         f'(default: {_default(key)!r})')
     if key in CHOICES and value not in CHOICES[key]:
         raise ValueError(f'config key {key!r} in {source}: {value!r} is not one of {", ".join(CHOICES[key])}')
     if key == 'ckpt.run_dir' and not str(value).strip():
@@ -202,13 +213,17 @@ def check_value(key: str, value, source: str = 'config'):
         lo, hi = RANGES[key]
         for v in (value if isinstance(value, list) else [value]):
             if not _in_range(v, lo, hi):
-                raise ValueError(f'config key {key!r} in {source}: {v!r} is out of range; it must be {_bound_text(lo, hi)}'
+                raise ValueError(f'config key {key!r} in {source}: {v!r} is out of range; '
+                                 f'it must be {_bound_text(lo, hi)}'
                                  + (' and finite' if isinstance(v, float) else ''))
-            if key in ODD and v % 2 == 0: raise ValueError(f'config key {key!r} in {source}: {v!r} must be odd')
+            if key in ODD and v % 2 == 0:
+                raise ValueError(f'config key {key!r} in {source}: {v!r} must be odd')
     return value
 
+# %% ../nbs/05a_config.ipynb #1987a36c
 def check_config(cfg: dict, source: str = 'config') -> dict:
-    "Check every key of a config (types and ranges, as `merge_config` does); returns it complete (missing keys: defaults)."
+    """Check every key of a config (types and ranges, as `merge_config` does); returns it complete (missing
+    keys: defaults)."""
     return merge_config(DEFAULTS, cfg, source)
 
 # %% ../nbs/05a_config.ipynb #c014
@@ -222,18 +237,21 @@ def merge_config(cfg: dict, new: dict, source: str = 'config', _defaults=None, _
     "A copy of `cfg` with the values of the nested dict `new` laid over it (checked against DEFAULTS)."
     out = copy.deepcopy(cfg)
     defaults = DEFAULTS if _defaults is None else _defaults
-    if not isinstance(new, dict): raise ValueError(f'{source}: expected a mapping of config keys, got {type(new).__name__}')
+    if not isinstance(new, dict):
+        raise ValueError(f'{source}: expected a mapping of config keys, got {type(new).__name__}')
     for k, v in new.items():
         key = f'{_prefix}{k}'
         if k not in defaults: raise _unknown(key, source)
         d = defaults[k]
         if isinstance(d, dict) and tuple(key.split('.')) not in FREE_FORM:
-            if not isinstance(v, dict): raise ValueError(f'config key {key!r} in {source} is a section; give it a mapping, got {v!r}')
+            if not isinstance(v, dict):
+                raise ValueError(f'config key {key!r} in {source} is a section; give it a mapping, got {v!r}')
             out[k] = merge_config(out[k], v, source, d, key + '.')
         else:
             out[k] = check_value(key, _coerce(key, v, d), source)
     return out
 
+# %% ../nbs/05a_config.ipynb #103b96fe
 def parse_override(item: str) -> dict:
     "'a.b=value' -> {'a': {'b': value}} with the value parsed as YAML."
     if '=' not in item: raise ValueError(f'override {item!r} must look like key=value, e.g. train.iters=200')
@@ -241,7 +259,7 @@ def parse_override(item: str) -> dict:
     key = key.strip()
     if not key: raise ValueError(f'override {item!r} has no key')
     try: value = yaml.safe_load(raw) if raw.strip() else None
-    except Exception: value = raw                       # not YAML (or a YAML date that does not exist): the string
+    except Exception: value = raw           # not YAML (or a YAML date that does not exist): the string
     out = value
     for part in reversed(key.split('.')): out = {part: out}
     return out
@@ -253,10 +271,13 @@ def _read_yaml(path: Path, depth: int = 0) -> list[tuple[dict, str]]:
     if not path.exists(): raise FileNotFoundError(f'config file not found: {path}')
     if depth > 8: raise ValueError(f'{path}: too many nested `base:` files')
     try: data = yaml.safe_load(path.read_text(encoding='utf-8')) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e: raise ValueError(f'{path}: not a readable YAML file: {e}') from None
-    if not isinstance(data, dict): raise ValueError(f'{path}: a config file must hold a mapping, got {type(data).__name__}')
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f'{path}: not a readable YAML file: {e}') from None
+    if not isinstance(data, dict):
+        raise ValueError(f'{path}: a config file must hold a mapping, got {type(data).__name__}')
     base = data.pop('base', None)
-    if base is not None and not isinstance(base, str): raise ValueError(f'{path}: `base:` must be a file name, got {base!r}')
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f'{path}: `base:` must be a file name, got {base!r}')
     chain = _read_yaml(path.parent / base, depth + 1) if base else []
     return chain + [(data, str(path))]
 
@@ -268,6 +289,7 @@ def load_config(path=None, overrides=()) -> dict:
     for item in overrides: cfg = merge_config(cfg, parse_override(item), f'override {item!r}')
     return cfg
 
+# %% ../nbs/05a_config.ipynb #7e54c6c5
 def save_config(cfg: dict | Config, path) -> Path:
     "Write the resolved config as YAML."
     if isinstance(cfg, Config): cfg = cfg.to_dict()
@@ -288,7 +310,8 @@ class StepSchedule:
     def __init__(self, total: int, milestones=(2 / 3.5, 3 / 3.5), gamma: float = 0.1,
                  warmup_iters: int = 0, warmup_factor: float = 0.1):
         if total < 1: raise ValueError(f'total iterations must be >= 1, got {total}')
-        if any(not 0 < m <= 1 for m in milestones): raise ValueError(f'milestones are fractions in (0, 1], got {list(milestones)}')
+        if any(not 0 < m <= 1 for m in milestones):
+            raise ValueError(f'milestones are fractions in (0, 1], got {list(milestones)}')
         self.total, self.gamma = total, gamma
         self.steps = [int(round(m * total)) for m in milestones]
         self.warmup_iters, self.warmup_factor = warmup_iters, warmup_factor
@@ -299,12 +322,14 @@ class StepSchedule:
             f *= self.warmup_factor + (1 - self.warmup_factor) * it / self.warmup_iters
         return f
 
+# %% ../nbs/05a_config.ipynb #6ae7c752
 def base_lr(cfg: dict | Config, world_size: int = 1) -> float:
     "The peak learning rate: `optim.lr`, times global_batch / base_batch when `optim.scale_lr`."
     cfg = as_config(cfg); o = cfg.optim
     if not o.scale_lr: return o.lr
     return o.lr * cfg.train.batch_size * world_size / o.base_batch
 
+# %% ../nbs/05a_config.ipynb #ca4c6cfb
 def build_optimizer(model: torch.nn.Module, cfg: dict | Config, world_size: int = 1):
     "The optimiser of `optim.name` (SGD by default) and its LambdaLR schedule (stepped once per iteration)."
     cfg = as_config(cfg); o = cfg.optim

@@ -52,8 +52,8 @@ class DistEnv:
 
 # %% ../nbs/00a_core.ipynb #a11f4dcc
 def dist_env(env=None) -> DistEnv:
-    """Rank, local rank and world size: from the initialised process group, else from torchrun's RANK / LOCAL_RANK /
-    WORLD_SIZE in `env` (default `os.environ`), else a single process."""
+    """Rank, local rank and world size: from the initialised process group, else from torchrun's RANK /
+    LOCAL_RANK / WORLD_SIZE in `env` (default `os.environ`), else a single process."""
     env = os.environ if env is None else env
     names = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')
     try: rank, local, world = (int(env.get(k, d)) for k, d in zip(names, (0, 0, 1)))

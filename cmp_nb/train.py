@@ -17,10 +17,10 @@ import torch.nn.functional as F
 import torch.distributed as dist
 
 from .core import DistEnv, atomic_write_text, dist_env, pick_device
-from .config import (Config, CkptConfig, as_config, load_config, save_config, check_config, build_optimizer, base_lr,
-                            valid_keys)
-from .checkpoint import (Checkpoints, ResumableBatchSampler, SeededSamples, load_checkpoint, atomic_save,
-                               rng_state, set_rng_state, seed_everything, sample_seed)
+from .config import (Config, CkptConfig, as_config, load_config, save_config, check_config,
+                           build_optimizer, base_lr, valid_keys)
+from .checkpoint import (Checkpoints, ResumableBatchSampler, SeededSamples, load_checkpoint,
+                               atomic_save, rng_state, set_rng_state, seed_everything, sample_seed)
 from .flow import flow_to_color, tensor_to_image
 from .model import build_model
 from .losses import DiscreteFlowLoss, logits_to_flow
@@ -41,19 +41,23 @@ class DistInfo(DistEnv):
     "Where this process runs: its place in the run (`cmp_nb.core.DistEnv`) and its device."
     device: torch.device = torch.device('cpu')
 
+# %% ../nbs/05_train.ipynb #55573e68
 def setup_distributed(device: str = 'auto') -> DistInfo:
-    "Read the torchrun environment, pick this process's device and join the process group if there are several."
+    """Read the torchrun environment, pick this process's device and join the process group if there are
+    several."""
     env = dist_env()
     rank, local, world = env.rank, env.local_rank, env.world_size
     try: dev = pick_device(device, local)
     except ValueError as e: raise ValueError(f'train.device: {e}') from None
     if world > 1:
-        if dev.type == 'mps': raise ValueError('multi-process training on Apple MPS is not supported; use one process')
+        if dev.type == 'mps':
+            raise ValueError('multi-process training on Apple MPS is not supported; use one process')
         if dev.type == 'cuda': torch.cuda.set_device(dev)
         if not dist.is_initialized():
             dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', timeout=timedelta(minutes=30))
     return DistInfo(rank, local, world, dev)
 
+# %% ../nbs/05_train.ipynb #4cd2f9f0
 def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     "Mean of a tensor over all processes (identity in a single process)."
     if not info.distributed: return x
@@ -71,10 +75,12 @@ class _AllReduceSum(torch.autograd.Function):
     def backward(ctx, g):
         g = g.clone(); dist.all_reduce(g); return g
 
+# %% ../nbs/05_train.ipynb #b9eaea2f
 class DistBatchNorm2d(nn.BatchNorm2d):
     "BatchNorm2d whose training statistics cover the batches of all processes (any device, any backend)."
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
             return super().forward(x)
         all_reduce = _AllReduceSum.apply
         C, dims, shape = x.shape[1], (0, 2, 3), (1, -1, 1, 1)
@@ -95,11 +101,13 @@ class DistBatchNorm2d(nn.BatchNorm2d):
         if self.affine: y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
 
+# %% ../nbs/05_train.ipynb #ebc51698
 def convert_sync_bn(module: nn.Module, device: torch.device) -> nn.Module:
     "Every BatchNorm2d -> nn.SyncBatchNorm on CUDA, DistBatchNorm2d elsewhere (weights and buffers kept)."
     if device.type == 'cuda': return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, DistBatchNorm2d):
-        new = DistBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        new = DistBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats)
         new.load_state_dict(module.state_dict())
         return new
     for name, child in module.named_children(): setattr(module, name, convert_sync_bn(child, device))
@@ -122,6 +130,7 @@ def _first_samples(ds, n: int) -> list:
         if len(out) >= n: break
     return out
 
+# %% ../nbs/05_train.ipynb #c2baa48b
 def build_datasets(cfg: dict | Config) -> tuple:
     "(training dataset, held-out dataset or None) for the config's `data` section."
     from cmp_nb.dataset import SyntheticDataset, ManifestDataset, ShardDataset
@@ -131,7 +140,8 @@ def build_datasets(cfg: dict | Config) -> tuple:
         size = (D.crop, D.crop)
         train = SyntheticDataset(D.train_size, 0, size, seed=seed, crop=None, short_side=None,
                                  **_pair_kwargs(cfg, True))
-        val = SyntheticDataset.validation(D.val_size, size=size, **_pair_kwargs(cfg, False)) if D.val_size else None
+        val = (SyntheticDataset.validation(D.val_size, size=size, **_pair_kwargs(cfg, False))
+               if D.val_size else None)
         return train, val
     if D.kind not in ('manifest', 'shards'):
         raise ValueError(f"data.kind must be synthetic, manifest or shards, got {D.kind!r}")
@@ -152,11 +162,14 @@ def build_datasets(cfg: dict | Config) -> tuple:
 
 # %% ../nbs/05_train.ipynb #08179b53
 def collate(items: list) -> dict:
-    "Stack a list of sample dicts, keeping tensor/array/number keys that every sample has (None values dropped)."
+    """Stack a list of sample dicts, keeping tensor/array/number keys that every sample has (None values
+    dropped)."""
     keys = [k for k in items[0] if all(k in it and it[k] is not None for it in items)]
-    keys = [k for k in keys if torch.is_tensor(items[0][k]) or isinstance(items[0][k], (np.ndarray, int, float))]
+    keys = [k for k in keys
+            if torch.is_tensor(items[0][k]) or isinstance(items[0][k], (np.ndarray, int, float))]
     return torch.utils.data.default_collate([{k: it[k] for k in keys} for it in items])
 
+# %% ../nbs/05_train.ipynb #05184e33
 def _loader_kwargs(cfg: Config, info: DistInfo) -> dict:
     nw = cfg.data.num_workers
     return dict(num_workers=nw, collate_fn=collate, pin_memory=info.device.type == 'cuda',
@@ -204,14 +217,17 @@ class ShardBatches:
                 n += 1
                 if n >= self.left: return
             if seen == 0:
-                raise ValueError('the tar shards gave no full batch; fewer pairs than train.batch_size per process?')
+                raise ValueError('the tar shards gave no full batch; '
+                                 'fewer pairs than train.batch_size per process?')
             self.epoch, self.pos = self.epoch + 1, 0
 
     def state(self) -> dict: return {'epoch': self.epoch, 'pos': self.pos}
 
+# %% ../nbs/05_train.ipynb #e4da8e8e
 def make_loader(dataset, cfg: dict | Config, info: DistInfo, start_iter: int = 0, state: dict = None):
     "MapBatches for map-style datasets, ShardBatches for iterable ones."
-    if isinstance(dataset, torch.utils.data.IterableDataset): return ShardBatches(dataset, cfg, info, start_iter, state)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return ShardBatches(dataset, cfg, info, start_iter, state)
     return MapBatches(dataset, cfg, info, start_iter)
 
 # %% ../nbs/05_train.ipynb #6ce4963b
@@ -225,6 +241,7 @@ def autocast_for(amp: str, device: torch.device):
         raise ValueError("train.amp='fp16' needs a GPU; on CPU use bf16 or none")
     return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
+# %% ../nbs/05_train.ipynb #293a5957
 def make_scaler(amp: str, device: torch.device):
     "A gradient scaler, enabled only for fp16 on CUDA."
     return torch.amp.GradScaler(device.type if device.type == 'cuda' else 'cpu',
@@ -238,8 +255,10 @@ def unwrap(model: nn.Module) -> nn.Module:
         elif isinstance(model, nn.parallel.DistributedDataParallel): model = model.module
         else: return model
 
+# %% ../nbs/05_train.ipynb #2628e307
 def build_train_model(cfg: dict | Config, info: DistInfo, task=None) -> nn.Module:
-    "The model of the config's task on this process's device (SyncBN and channels_last applied, not yet wrapped)."
+    """The model of the config's task on this process's device (SyncBN and channels_last applied, not yet
+    wrapped)."""
     cfg = as_config(cfg)
     model = (task if task is not None else get_task(cfg)).build_model()
     if cfg.train.sync_bn and info.distributed: model = convert_sync_bn(model, info.device)
@@ -247,6 +266,7 @@ def build_train_model(cfg: dict | Config, info: DistInfo, task=None) -> nn.Modul
     if cfg.train.channels_last: model = model.to(memory_format=torch.channels_last)
     return model
 
+# %% ../nbs/05_train.ipynb #e87399b9
 def wrap_model(model: nn.Module, cfg: dict | Config, info: DistInfo) -> nn.Module:
     "DDP when there are several processes, then torch.compile if asked."
     if info.distributed:
@@ -262,6 +282,7 @@ def batch_to_device(batch: dict, device: torch.device, channels_last: bool = Fal
     if channels_last: out['image'] = out['image'].contiguous(memory_format=torch.channels_last)
     return out
 
+# %% ../nbs/05_train.ipynb #dd3c4f52
 def check_finite(loss: torch.Tensor):
     "FloatingPointError if the loss is nan or inf (this process only)."
     if not torch.isfinite(loss):
@@ -280,6 +301,7 @@ def nearest_guidance_flow(sparse: torch.Tensor) -> torch.Tensor:
         out[b] = sp[b, :2][:, torch.from_numpy(iy), torch.from_numpy(ix)]
     return out.to(sparse.device)
 
+# %% ../nbs/05_train.ipynb #b1a4361b
 def dense_flow(logits: torch.Tensor, nbins: int, fmax: float, size) -> torch.Tensor:
     "Decoded flow (B,2,H,W) at `size` (bilinear, align_corners=True; vectors are already in input pixels)."
     flow = logits_to_flow(logits, nbins, fmax)
@@ -293,6 +315,7 @@ def predict_flow(model: nn.Module, image: torch.Tensor, sparse: torch.Tensor) ->
     core = unwrap(model)
     return dense_flow(model(image, sparse).float(), core.nbins, core.fmax, image.shape[-2:])
 
+# %% ../nbs/05_train.ipynb #efb18cf6
 def _valid_mask(batch: dict, flow: torch.Tensor) -> torch.Tensor:
     v = batch.get('valid')
     if v is None: return torch.ones(flow.shape[0], *flow.shape[-2:], dtype=torch.bool, device=flow.device)
@@ -302,9 +325,9 @@ def _valid_mask(batch: dict, flow: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, device=None, batch_size: int = 8, max_samples: int = None,
              seed: int = 12345, guided: bool = True) -> dict:
-    """EPE of the model, of zero flow and of nearest-guidance flow over (the first `max_samples` of) a dataset.
-    `guided=False` gives the model no guidance (flow prediction from the image alone) and reports no baseline
-    that uses guidance."""
+    """EPE of the model, of zero flow and of nearest-guidance flow over (the first `max_samples` of) a
+    dataset. `guided=False` gives the model no guidance (flow prediction from the image alone) and reports
+    no baseline that uses guidance."""
     n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
     if n == 0: raise ValueError('evaluate: the dataset is empty')
     device = next(unwrap(model).parameters()).device if device is None else torch.device(device)
@@ -331,7 +354,8 @@ def draw_guidance_np(image: np.ndarray, sparse, scale: float = 1.0) -> np.ndarra
     "A copy of an (H,W,3) uint8 image with the guidance of a (4,H,W) sparse tensor drawn on it."
     import cv2
     img = np.ascontiguousarray(image).copy()
-    sp = sparse.detach().float().cpu().numpy() if torch.is_tensor(sparse) else np.asarray(sparse, np.float32)
+    sp = (sparse.detach().float().cpu().numpy() if torch.is_tensor(sparse)
+          else np.asarray(sparse, np.float32))
     ys, xs = np.nonzero(sp[2] > 0)
     for y, x in zip(ys, xs):
         u, v = sp[0, y, x], sp[1, y, x]
@@ -342,20 +366,24 @@ def draw_guidance_np(image: np.ndarray, sparse, scale: float = 1.0) -> np.ndarra
         else: cv2.circle(img, (int(x), int(y)), 2, (0, 255, 255), -1)
     return img
 
-def flow_panel(image: torch.Tensor, sparse: torch.Tensor, pred: torch.Tensor, target: torch.Tensor = None) -> np.ndarray:
+# %% ../nbs/05_train.ipynb #f9fbc465
+def flow_panel(image: torch.Tensor, sparse: torch.Tensor, pred: torch.Tensor,
+               target: torch.Tensor = None) -> np.ndarray:
     "[image + guidance | predicted flow | target flow] as one (H, 3W, 3) uint8 picture, for one sample."
     img = draw_guidance_np(tensor_to_image(image.float()), sparse)
     to_np = lambda f: f.detach().float().cpu().permute(1, 2, 0).numpy()
     ref = to_np(target if target is not None else pred)
     mag = max(float(np.hypot(ref[..., 0], ref[..., 1]).max()), 1e-3)
-    cols = [img, flow_to_color(to_np(pred), max_mag=mag)] + ([flow_to_color(ref, max_mag=mag)] if target is not None else [])
+    cols = ([img, flow_to_color(to_np(pred), max_mag=mag)]
+            + ([flow_to_color(ref, max_mag=mag)] if target is not None else []))
     return np.concatenate(cols, 1)
 
 # %% ../nbs/05_train.ipynb #c029
 class StopRequest:
     "Catch SIGTERM/SIGUSR1 as a flag checked between iterations (handlers restored by `close`)."
     def __init__(self, signals=None):
-        if signals is None: signals = [signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, 'SIGUSR1') else [])
+        if signals is None:
+            signals = [signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, 'SIGUSR1') else [])
         self.signum, self.stopping, self._old = None, False, {}
         if threading.current_thread() is threading.main_thread():
             for s in signals: self._old[s] = signal.signal(s, self._handle)
@@ -363,19 +391,22 @@ class StopRequest:
     def _handle(self, signum, frame): self.signum = signum
 
     def sync(self, info: DistInfo, loss: torch.Tensor = None) -> bool:
-        "True if any process was asked to stop; FloatingPointError on every process if any `loss` is not finite."
+        """True if any process was asked to stop; FloatingPointError on every process if any `loss` is not
+        finite."""
         flag = self.signum is not None
         if not info.distributed:
             if loss is not None: check_finite(loss)
             self.stopping = flag
             return flag
         bad = loss is not None and not bool(torch.isfinite(loss))
-        t = torch.tensor([float(flag), float(info.world_size - info.rank) if bad else 0.0], device=info.device)
+        t = torch.tensor([float(flag), float(info.world_size - info.rank) if bad else 0.0],
+                         device=info.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         stop_any, first_bad = t.tolist()
         if first_bad > 0:
-            raise FloatingPointError(f'training loss became non-finite on rank {info.world_size - int(first_bad)} of '
-                                     f'{info.world_size}; every process stops. Lower optim.lr or check the data')
+            raise FloatingPointError(f'training loss became non-finite on rank '
+                                     f'{info.world_size - int(first_bad)} of {info.world_size}; '
+                                     f'every process stops. Lower optim.lr or check the data')
         if stop_any > 0 and self.signum is None: self.signum = signal.SIGTERM
         self.stopping = stop_any > 0
         return self.stopping
@@ -393,8 +424,9 @@ def gather_states(info: DistInfo, data_state: dict = None) -> list:
     dist.all_gather_object(out, st)
     return out
 
-def training_state(model, opt, sched, scaler, iteration: int, cfg: dict | Config, info: DistInfo, procs: list,
-                   elapsed: float = 0.0) -> dict:
+# %% ../nbs/05_train.ipynb #fc266478
+def training_state(model, opt, sched, scaler, iteration: int, cfg: dict | Config, info: DistInfo,
+                   procs: list, elapsed: float = 0.0) -> dict:
     "Everything a resume needs, as tensors and plain values (loadable with weights_only=True)."
     cfg = as_config(cfg)
     return {'format': 'cmp_nb.train/1', 'task': cfg.task.name, 'preset': cfg.model.preset,
@@ -407,22 +439,27 @@ def training_state(model, opt, sched, scaler, iteration: int, cfg: dict | Config
 # %% ../nbs/05_train.ipynb #2676576b
 def restore_training_state(state: dict, model, opt, sched, scaler, cfg: dict | Config,
                            info: DistInfo) -> tuple[int, dict]:
-    "Load a checkpoint into model/optimiser/schedule/scaler/RNG; returns (iteration to continue from, data state)."
+    """Load a checkpoint into model/optimiser/schedule/scaler/RNG; returns (iteration to continue from, data
+    state)."""
     cfg = as_config(cfg)
-    for key, want, name in (('task', cfg.task.name, 'task.name'), ('preset', cfg.model.preset, 'model.preset')):
+    for key, want, name in (('task', cfg.task.name, 'task.name'),
+                            ('preset', cfg.model.preset, 'model.preset')):
         got = state.get(key, 'cmp' if key == 'task' else None)      # checkpoints before tasks: CMP
         if got != want:
             raise ValueError(f"checkpoint was trained with {name}={got!r}, the config asks for {want!r}; "
                              f"use a new ckpt.run_dir or the same {name}")
     unwrap(model).load_state_dict(state['model'])
     opt.load_state_dict(state['optimizer'])
-    sd = dict(state['scheduler']); sd['lr_lambdas'] = [None] * len(sched.lr_lambdas)   # the schedule: the config's
+    # the schedule: the config's
+    sd = dict(state['scheduler']); sd['lr_lambdas'] = [None] * len(sched.lr_lambdas)
     sched.load_state_dict(sd)
     if state.get('scaler') and scaler.is_enabled(): scaler.load_state_dict(state['scaler'])
     procs, data_state = state.get('procs') or [], {}
-    if len(procs) == info.world_size: set_rng_state(procs[info.rank]['rng']); data_state = procs[info.rank]['data']
-    else: warnings.warn(f'checkpoint holds the states of {len(procs)} processes, this run has {info.world_size}; '
-                        'RNG and stream positions not restored')
+    if len(procs) == info.world_size:
+        set_rng_state(procs[info.rank]['rng']); data_state = procs[info.rank]['data']
+    else:
+        warnings.warn(f'checkpoint holds the states of {len(procs)} processes, this run has '
+                      f'{info.world_size}; RNG and stream positions not restored')
     gb = cfg.train.batch_size * info.world_size
     if state.get('data', {}).get('global_batch', gb) != gb:
         warnings.warn(f"global batch changed from {state['data']['global_batch']} to {gb}: "
@@ -436,25 +473,30 @@ RUN_FILES = ('config.yaml', 'metrics.jsonl', 'model.pt', 'summary.json', 'tb')
 class RunDirInUse(ValueError):
     "A fresh run was started in a run directory that already holds another run."
 
+# %% ../nbs/05_train.ipynb #87186ee2
 def _run_dir_contents(run_dir: Path, ckpts: Checkpoints) -> list[str]:
     "What an earlier run left in `run_dir` (file names, number of checkpoints); empty for an unused folder."
     found = [n for n in RUN_FILES if (run_dir / n).exists()]
     n = len(ckpts.list())
     return found + ([f'{n} checkpoint{"s" if n > 1 else ""}'] if n else [])
 
+# %% ../nbs/05_train.ipynb #9d99ac93
 def _claim_run_dir(run_dir: Path, ckpts: Checkpoints, C: CkptConfig, info: DistInfo):
-    "A fresh run needs an unused run dir; with ckpt.overwrite rank 0 first deletes the old run's files. Agreed by all processes."
+    """A fresh run needs an unused run dir; with ckpt.overwrite rank 0 first deletes the old run's files.
+    Agreed by all processes."""
     if C.resume not in NO_RESUME: return
     found = _run_dir_contents(run_dir, ckpts)
     used = bool(found)
-    if info.distributed:                                  # every process must stop, not only those that see the files
+    if info.distributed:                      # every process must stop, not only those that see the files
         t = torch.tensor([int(used)], dtype=torch.int64, device=info.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX); used = bool(t.item())
     if not used: return
     if not C.overwrite:
-        raise RunDirInUse(f"run dir {run_dir} already holds a run ({', '.join(found) or 'seen by another process'}). "
-                          f"Continue it with --resume auto (ckpt.resume=auto), start over in it with --overwrite "
-                          f"(ckpt.overwrite=true: deletes its checkpoints, weights and logs), or give another --run-dir")
+        raise RunDirInUse(f"run dir {run_dir} already holds a run "
+                          f"({', '.join(found) or 'seen by another process'}). "
+                          f"Continue it with --resume auto (ckpt.resume=auto), start over in it with "
+                          f"--overwrite (ckpt.overwrite=true: deletes its checkpoints, weights and logs), "
+                          f"or give another --run-dir")
     if info.is_main:
         import shutil
         for n in RUN_FILES:
@@ -462,40 +504,48 @@ def _claim_run_dir(run_dir: Path, ckpts: Checkpoints, C: CkptConfig, info: DistI
             if p.is_dir(): shutil.rmtree(p)
             elif p.exists(): p.unlink()
         for _, p in ckpts.list(): p.unlink(missing_ok=True)
-        print(f"cmp_train: --overwrite: removed the earlier run's files from {run_dir} ({', '.join(found)})", flush=True)
+        print(f"cmp_train: --overwrite: removed the earlier run's files from {run_dir} ({', '.join(found)})",
+              flush=True)
     if info.distributed: dist.barrier()
 
+# %% ../nbs/05_train.ipynb #c52b6a48
 def _resume_state(resume, ckpts: Checkpoints, info: DistInfo):
     "The checkpoint dict to resume from (or None) for ckpt.resume = None | 'auto' | path."
     if resume in NO_RESUME: return None
     if resume == 'auto':
         state, path = ckpts.latest()
         if state is None:
-            if info.is_main: print(f'cmp_train: no checkpoint in {ckpts.dir}; starting from iteration 0', flush=True)
+            if info.is_main:
+                print(f'cmp_train: no checkpoint in {ckpts.dir}; starting from iteration 0', flush=True)
             return None
     else:
         path = Path(resume); state = load_checkpoint(path)
     if info.is_main: print(f"cmp_train: resuming from {path} (iteration {state['iteration']})", flush=True)
     return state
 
+# %% ../nbs/05_train.ipynb #e50690f6
 def _agree_on_start(start: int, info: DistInfo, run_dir: Path):
-    "All processes must resume from the same iteration: all-reduce its min and max, raise on every process if they differ."
+    """All processes must resume from the same iteration: all-reduce its min and max, raise on every process
+    if they differ."""
     if not info.distributed: return
     t = torch.tensor([start, -start], dtype=torch.int64, device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     hi, lo = int(t[0]), -int(t[1])
     if hi != lo:
-        raise RuntimeError(f'processes resumed from different iterations (from {lo} to {hi}; -1: could not read the '
-                           f'checkpoint; this is rank {info.rank}, at {start}). Only rank 0 writes checkpoints and every rank '
-                           f'reads them: ckpt.run_dir ({run_dir}) must be on a filesystem shared by all nodes')
+        raise RuntimeError(f'processes resumed from different iterations (from {lo} to {hi}; -1: could not '
+                           f'read the checkpoint; this is rank {info.rank}, at {start}). Only rank 0 writes '
+                           f'checkpoints and every rank reads them: ckpt.run_dir ({run_dir}) must be on a '
+                           f'filesystem shared by all nodes')
 
+# %% ../nbs/05_train.ipynb #8b7a0182
 def export_weights(checkpoint, out, half: bool = False) -> Path:
-    "Write just the model weights of a training checkpoint (or state dict) for inference; fp16 floats if `half`."
+    """Write just the model weights of a training checkpoint (or state dict) for inference; fp16 floats if
+    `half`."""
     ck = load_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
     sd = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ck['model'].items()}
-    return atomic_save({'task': ck.get('task', 'cmp'), 'preset': ck['preset'], 'model_kwargs': dict(ck.get('model_kwargs', {})), 'model': sd,
+    return atomic_save({'task': ck.get('task', 'cmp'), 'preset': ck['preset'],
+                        'model_kwargs': dict(ck.get('model_kwargs', {})), 'model': sd,
                         'iteration': int(ck.get('iteration', 0)), 'config': ck.get('config')}, out)
-
 
 # %% ../nbs/05_train.ipynb #3f21cde5
 class Task:
@@ -510,14 +560,16 @@ class Task:
     def build_datasets(self) -> tuple: return build_datasets(self.cfg)
     def predict(self, model: nn.Module, batch: dict): raise NotImplementedError
     def loss(self, out, batch: dict) -> torch.Tensor: raise NotImplementedError
-    def evaluate(self, model: nn.Module, dataset, device, batch_size: int, max_samples: int) -> dict: return {}
+    def evaluate(self, model: nn.Module, dataset, device, batch_size: int, max_samples: int) -> dict:
+        return {}
     def val_line(self, metrics: dict) -> str:
         return ' | '.join(f'{k} {v:.4g}' for k, v in metrics.items() if k != 'samples')
     def panel(self, model: nn.Module, batch: dict, out) -> np.ndarray | None: return None
 
 # %% ../nbs/05_train.ipynb #2f2b6f66
 class CMPTask(Task):
-    "Conditional motion propagation: dense flow from the image and sparse guidance, as classification over bins."
+    """Conditional motion propagation: dense flow from the image and sparse guidance, as classification over
+    bins."""
     name, panel_tag = 'cmp', 'train/guidance_pred_target'
 
     def build_model(self) -> nn.Module: return build_model(self.cfg.model.preset, **self.cfg.model.kwargs)
@@ -529,8 +581,8 @@ class CMPTask(Task):
     def evaluate(self, model, dataset, device, batch_size, max_samples):
         return evaluate(model, dataset, device, batch_size, max_samples)
     def val_line(self, m: dict) -> str:
-        return (f"EPE {m['epe']:.3f} px | zero flow {m['epe_zero']:.3f} | nearest guidance {m['epe_nearest']:.3f} "
-                f"({m['samples']} held-out samples)")
+        return (f"EPE {m['epe']:.3f} px | zero flow {m['epe_zero']:.3f} | "
+                f"nearest guidance {m['epe_nearest']:.3f} ({m['samples']} held-out samples)")
     def panel(self, model, batch, out):
         fl = dense_flow(out[:1].float(), self.nbins, self.fmax, batch['image'].shape[-2:])
         return flow_panel(batch['image'][0], batch['sparse'][0], fl[0], batch['flow'][0])
@@ -540,17 +592,20 @@ TASKS = {}
 
 def register_task(cls: type) -> type:
     "Make a Task subclass available as `task.name=<cls.name>` (usable as a class decorator)."
-    if not (isinstance(cls, type) and issubclass(cls, Task)): raise TypeError(f'{cls!r} is not a Task subclass')
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TypeError(f'{cls!r} is not a Task subclass')
     TASKS[cls.name] = cls
     return cls
 
 register_task(CMPTask)
 
+# %% ../nbs/05_train.ipynb #1937566a
 def get_task(cfg: dict | Config) -> Task:
     "The Task object the config's `task.name` and `task.kwargs` describe."
     cfg = as_config(cfg)
     name, kw = cfg.task.name, cfg.task.kwargs
-    if name not in TASKS: raise ValueError(f"task.name: unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    if name not in TASKS:
+        raise ValueError(f"task.name: unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     try: return TASKS[name](cfg, **kw)
     except TypeError as e:
         if not kw: raise
@@ -561,9 +616,10 @@ class Callback:
     "A service of the training loop: methods named after the Learner's events, each taking the learner."
     order = 0
 
-EVENTS = ('before_setup', 'before_model', 'after_model', 'before_fit', 'before_batch', 'after_pred', 'after_loss',
-          'after_backward', 'after_step', 'after_batch', 'after_fit', 'cleanup_fit')
+EVENTS = ('before_setup', 'before_model', 'after_model', 'before_fit', 'before_batch', 'after_pred',
+          'after_loss', 'after_backward', 'after_step', 'after_batch', 'after_fit', 'cleanup_fit')
 
+# %% ../nbs/05_train.ipynb #bc84afc4
 def _detach(x):
     if torch.is_tensor(x): return x.detach()
     if isinstance(x, (list, tuple)): return type(x)(_detach(v) for v in x)
@@ -578,8 +634,10 @@ class Learner:
         self.task = task if task is not None else get_task(self.cfg)
         cbs = (default_callbacks() if default_cbs else []) + list(cbs)
         for cb in cbs:
-            bad = [n for n in dir(cb) if n.startswith(('before_', 'after_', 'cleanup_')) and n not in EVENTS]
-            if bad: raise ValueError(f'{type(cb).__name__}: unknown event method(s) {bad}; events are {EVENTS}')
+            bad = [n for n in dir(cb)
+                   if n.startswith(('before_', 'after_', 'cleanup_')) and n not in EVENTS]
+            if bad:
+                raise ValueError(f'{type(cb).__name__}: unknown event method(s) {bad}; events are {EVENTS}')
         self.cbs = sorted(cbs, key=lambda cb: cb.order)
         self.stop, self.stopping, self.bar, self.last_val, self.summary = None, False, None, None, None
         self.start, self.it, self.data_state, self.elapsed0 = 0, 0, {}, 0.0
@@ -609,8 +667,8 @@ class Learner:
 
     def state(self, procs: list) -> dict:
         "The training state at this iteration (`training_state`), with the wall time so far."
-        return training_state(self.core, self.opt, self.sched, self.scaler, self.it, self.cfg, self.info, procs,
-                              self.elapsed0 + time.time() - self.t_start)
+        return training_state(self.core, self.opt, self.sched, self.scaler, self.it, self.cfg, self.info,
+                              procs, self.elapsed0 + time.time() - self.t_start)
 
 # %% ../nbs/05_train.ipynb #5d2a673f
 def _setup_process(self: Learner):
@@ -643,7 +701,8 @@ Learner.setup_process, Learner.setup_model, Learner.setup_data = _setup_process,
 
 # %% ../nbs/05_train.ipynb #c68dac98
 def _predict(self: Learner):
-    with autocast_for(self.cfg.train.amp, self.info.device): self.out = self.task.predict(self.model, self.batch)
+    with autocast_for(self.cfg.train.amp, self.info.device):
+        self.out = self.task.predict(self.model, self.batch)
 
 def _get_loss(self: Learner): self.loss = self.task.loss(self.out, self.batch)   # float32, outside autocast
 
@@ -681,9 +740,11 @@ def _fit(self: Learner) -> dict:
         for self.batch in (() if self.stopping else self.loader):
             self.one_batch()
             if self.stopping: break
-        self.summary = {'iteration': self.it, 'iters': self.cfg.train.iters, 'run_dir': str(Path(self.cfg.ckpt.run_dir)),
-                        'signal': self.stop.signum if (self.stopping and self.stop) else None, 'val': self.last_val,
-                        'wall_time_s': self.elapsed0 + time.time() - self.t_start, 'world_size': self.info.world_size}
+        self.summary = {'iteration': self.it, 'iters': self.cfg.train.iters,
+                        'run_dir': str(Path(self.cfg.ckpt.run_dir)),
+                        'signal': self.stop.signum if (self.stopping and self.stop) else None,
+                        'val': self.last_val, 'wall_time_s': self.elapsed0 + time.time() - self.t_start,
+                        'world_size': self.info.world_size}
         self('after_fit')
     finally: self('cleanup_fit')
     if self.info.distributed: dist.barrier()
@@ -697,9 +758,11 @@ class StopCB(Callback):
     order = 90
     def before_setup(self, learn): learn.stop = StopRequest()
     def before_fit(self, learn):
-        learn.stopping = learn.stop.sync(learn.info)   # a signal during start-up: no step, nothing new to save
+        # a signal during start-up: no step, nothing new to save
+        learn.stopping = learn.stop.sync(learn.info)
         if learn.stopping:
-            learn.line(f'cmp_train: signal {learn.stop.signum} received during start-up; no step taken; exiting')
+            learn.line(f'cmp_train: signal {learn.stop.signum} received during start-up; '
+                       f'no step taken; exiting')
     def after_loss(self, learn): learn.stopping = learn.stop.sync(learn.info, learn.loss)   # before backward
     def cleanup_fit(self, learn):
         if learn.stop is not None: learn.stop.close()
@@ -733,15 +796,18 @@ def metrics_row(it: int, prefix: str, values: dict) -> str:
     return json.dumps({'iter': it, **{f'{prefix}/{k}': _json_number(v) for k, v in values.items()}},
                       allow_nan=False) + '\n'
 
+# %% ../nbs/05_train.ipynb #a1f935f2
 class MetricsCB(Callback):
     "The training loss (mean over `log.every` iterations and all processes), lr and pairs/s; metrics.jsonl."
     order = 10
     def before_fit(self, learn):
-        self.f, self.run_loss, self.n, self.t = None, torch.zeros((), device=learn.info.device), 0, time.time()
+        self.f, self.run_loss, self.n, self.t = (None, torch.zeros((), device=learn.info.device), 0,
+                                                 time.time())
         if learn.info.is_main: self.f = open(Path(learn.cfg.ckpt.run_dir) / 'metrics.jsonl', 'a')
         c = learn.cfg
-        learn.line(f"cmp_train: task {c.task.name}, {c.model.preset} on {learn.info.device} x {learn.info.world_size} "
-                   f"process(es), batch {c.train.batch_size}/process, lr {base_lr(c, learn.info.world_size):g}, "
+        learn.line(f"cmp_train: task {c.task.name}, {c.model.preset} on {learn.info.device} x "
+                   f"{learn.info.world_size} process(es), batch {c.train.batch_size}/process, "
+                   f"lr {base_lr(c, learn.info.world_size):g}, "
                    f"iterations {learn.start}->{c.train.iters}, run dir {c.ckpt.run_dir}")
     def after_batch(self, learn):
         self.run_loss += learn.loss; self.n += 1
@@ -749,7 +815,8 @@ class MetricsCB(Callback):
         loss = float(all_reduce_mean(self.run_loss / self.n, learn.info))     # collective: every process
         now = time.time(); rate = self.n * learn.global_batch / max(now - self.t, 1e-9)
         learn.record('train', {'loss': loss, 'lr': learn.lr, 'pairs_per_s': rate})
-        learn.line(f"it {learn.it}/{learn.cfg.train.iters} loss {loss:.4f} lr {learn.lr:.5g} pairs/s {rate:.1f}")
+        learn.line(f"it {learn.it}/{learn.cfg.train.iters} loss {loss:.4f} lr {learn.lr:.5g} "
+                   f"pairs/s {rate:.1f}")
         self.run_loss, self.n, self.t = torch.zeros((), device=learn.info.device), 0, now
     def record(self, learn, prefix, values):
         if self.f is not None: self.f.write(metrics_row(learn.it, prefix, values)); self.f.flush()
@@ -805,7 +872,7 @@ class CheckpointCB(Callback):
         info = learn.info
         try: state = _resume_state(learn.cfg.ckpt.resume, self.ckpts, info)
         except (ValueError, FileNotFoundError):
-            _agree_on_start(-1, info, self.run_dir)             # the other processes fail too, instead of waiting
+            _agree_on_start(-1, info, self.run_dir)     # the other processes fail too, instead of waiting
             raise
         if state is not None:
             learn.start, learn.data_state = restore_training_state(state, learn.core, learn.opt, learn.sched,
@@ -820,7 +887,8 @@ class CheckpointCB(Callback):
         if learn.info.is_main:
             p = self.ckpts.save(learn.state(procs), learn.it)
             if learn.stopping:
-                learn.line(f'cmp_train: signal {learn.stop.signum} received; saved {p} at iteration {learn.it}; exiting')
+                learn.line(f'cmp_train: signal {learn.stop.signum} received; saved {p} at iteration '
+                           f'{learn.it}; exiting')
         if learn.info.distributed: dist.barrier()
     def after_fit(self, learn):
         if not (learn.info.is_main and not learn.stopping and learn.it >= learn.cfg.train.iters): return
@@ -835,7 +903,8 @@ def default_callbacks() -> list:
     return [StopCB(), ProgressCB(), MetricsCB(), TensorBoardCB(), ValidationCB(), CheckpointCB()]
 
 def train(cfg: dict | Config, cbs=()) -> dict:
-    "Run (or resume) the training described by a config, with `cbs` besides the defaults. Returns a summary dict."
+    """Run (or resume) the training described by a config, with `cbs` besides the defaults. Returns a summary
+    dict."""
     return Learner(cfg, cbs=cbs).fit()
 
 # %% ../nbs/05_train.ipynb #c047
@@ -843,6 +912,7 @@ def to_torchvision_resnet(encoder_sd: dict) -> dict:
     "A CMP ResNet image-encoder state dict under torchvision's names: the same keys without the 1x1 `conv5`."
     return {k: v for k, v in encoder_sd.items() if not k.startswith('conv5.')}
 
+# %% ../nbs/05_train.ipynb #31354bd4
 def export_encoder(checkpoint, out, torchvision_out=None) -> dict:
     "Write the image encoder of a cmp_train checkpoint (and for ResNet-50 a torchvision resnet50 state dict)."
     from cmp_nb.propagator import load_model
@@ -852,23 +922,32 @@ def export_encoder(checkpoint, out, torchvision_out=None) -> dict:
     enc = model.image_encoder
     sd = {k: v.detach().clone() for k, v in enc.state_dict().items()}
     out = Path(out)
-    written = {'encoder': atomic_save({'preset': model.preset, 'arch': type(enc).__name__, 'stride': int(enc.stride),
-                                       'out_dim': int(enc.out_dim), 'image_encoder': sd,
-                                       'mean': list(IMAGE_MEAN), 'std': list(IMAGE_STD)}, out)}
+    written = {'encoder': atomic_save({'preset': model.preset, 'arch': type(enc).__name__,
+                                       'stride': int(enc.stride), 'out_dim': int(enc.out_dim),
+                                       'image_encoder': sd, 'mean': list(IMAGE_MEAN), 'std': list(IMAGE_STD)},
+                                      out)}
     if 'layer4.0.conv3.weight' in sd:                                    # a ResNet-50 trunk
-        tv = Path(torchvision_out) if torchvision_out else out.with_name(out.stem + '_torchvision_resnet50.pt')
+        tv = (Path(torchvision_out) if torchvision_out
+              else out.with_name(out.stem + '_torchvision_resnet50.pt'))
         written['torchvision_resnet50'] = atomic_save(to_torchvision_resnet(sd), tv)
-    elif torchvision_out: raise ValueError(f'{checkpoint}: a torchvision resnet50 file needs a ResNet-50 encoder, this is {model.preset!r}')
+    elif torchvision_out:
+        raise ValueError(f'{checkpoint}: a torchvision resnet50 file needs a ResNet-50 encoder, '
+                         f'this is {model.preset!r}')
     return written
 
+# %% ../nbs/05_train.ipynb #f541dc53
 def export_encoder_main(argv=None) -> int:
     "Console script `cmp_export_encoder`."
-    p = argparse.ArgumentParser(prog='cmp_export_encoder', description='Write the trained image encoder of a cmp_train '
-                                'checkpoint (run_dir/model.pt or run_dir/checkpoints/ckpt_*.pt) for downstream use; for '
-                                'ResNet-50 also as a torchvision resnet50 state dict (load with fc = Identity, strict=True).')
-    p.add_argument('checkpoint', help='a cmp_train checkpoint or weights file (or a run directory: its model.pt)')
+    p = argparse.ArgumentParser(prog='cmp_export_encoder',
+                                description='Write the trained image encoder of a cmp_train checkpoint '
+                                '(run_dir/model.pt or run_dir/checkpoints/ckpt_*.pt) for downstream use; '
+                                'for ResNet-50 also as a torchvision resnet50 state dict (load with '
+                                'fc = Identity, strict=True).')
+    p.add_argument('checkpoint',
+                   help='a cmp_train checkpoint or weights file (or a run directory: its model.pt)')
     p.add_argument('--out', help='output file (default: encoder.pt beside the checkpoint)')
-    p.add_argument('--torchvision', help='path of the torchvision resnet50 file (default: <out>_torchvision_resnet50.pt)')
+    p.add_argument('--torchvision',
+                   help='path of the torchvision resnet50 file (default: <out>_torchvision_resnet50.pt)')
     a = p.parse_args(argv)
     src = Path(a.checkpoint)
     if src.is_dir(): src = src / 'model.pt'
@@ -882,17 +961,20 @@ def export_encoder_main(argv=None) -> int:
 # %% ../nbs/05_train.ipynb #c050
 def main(argv=None) -> int:
     "Console script `cmp_train`."
-    p = argparse.ArgumentParser(prog='cmp_train', description='Train Conditional Motion Propagation (CMP). One script '
+    p = argparse.ArgumentParser(prog='cmp_train',
+                                description='Train Conditional Motion Propagation (CMP). One script '
                                 'for CPU, one GPU, or torchrun (multi-GPU, multi-node).',
                                 epilog='Config keys: ' + ', '.join(valid_keys()))
-    p.add_argument('--config', '-c', help='YAML config file, e.g. configs/quickstart.yaml (defaults if omitted)')
+    p.add_argument('--config', '-c',
+                   help='YAML config file, e.g. configs/quickstart.yaml (defaults if omitted)')
     p.add_argument('--resume', help="'auto' (newest valid checkpoint in the run dir) or a checkpoint path")
     p.add_argument('--run-dir', help='where checkpoints, logs and the resolved config go (= ckpt.run_dir)')
-    p.add_argument('--overwrite', action='store_true', help="start over in a run dir that holds a run: delete its "
-                   "checkpoints, weights and logs first (= ckpt.overwrite=true); without it such a run dir is refused")
+    p.add_argument('--overwrite', action='store_true',
+                   help="start over in a run dir that holds a run: delete its checkpoints, weights and logs "
+                   "first (= ckpt.overwrite=true); without it such a run dir is refused")
     p.add_argument('--print-config', action='store_true', help='print the resolved config and exit')
     p.add_argument('overrides', nargs='*', metavar='key=value', help='config overrides, e.g. train.iters=200')
-    a = p.parse_intermixed_args(argv)                 # key=value items may come before, between and after options
+    a = p.parse_intermixed_args(argv)      # key=value items may come before, between and after options
     try:
         cfg = load_config(a.config, a.overrides)
     except (ValueError, FileNotFoundError) as e: p.error(str(e))
