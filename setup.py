@@ -30,8 +30,9 @@ setuptools.setup(
                  'Natural Language :: ' + cfg['language'].title()]
                 + ['Programming Language :: Python :: ' + v for v in py_versions[py_versions.index(min_python):]],
     url=cfg['git_url'],
-    packages=setuptools.find_packages(include=['cmp_nb', 'cmp_nb.*']),
+    packages=setuptools.find_packages(include=['cmp_nb', 'cmp_nb.*']) + ['cmp_nb.static'],
     include_package_data=True,
+    package_data={'cmp_nb.static': ['*.js']},                 # the widget's front end, cmp_nb/static/canvas.js
     install_requires=requirements,
     extras_require={'dev': dev_requirements},
     python_requires='>=' + min_python,

@@ -11,32 +11,11 @@ import torch.nn.functional as F
 
 from .core import pick_device
 from .flow import load_image, image_to_tensor, flow_to_color, color_wheel
-from .guidance import points_to_sparse
+from .guidance import points_to_sparse, as_points, draw_guidance   # also cmp_nb.propagator's names
 from .losses import logits_to_flow, logits_to_flow_argmax
 
 # %% auto #0
-__all__ = ['DEFAULT_MAX_SIDE', 'as_points', 'model_size', 'Propagator', 'draw_guidance', 'show_prediction', 'load_model',
-           'load_propagator']
-
-# %% ../nbs/03a_propagator.ipynb #2d4c9bdd
-def _array(a, ncols: int, name: str) -> np.ndarray:
-    a = np.zeros((0, ncols), np.float32) if a is None else np.asarray(a, dtype=np.float32)
-    if a.ndim == 1 and a.size == ncols: a = a[None]
-    if a.size == 0: return np.zeros((0, ncols), np.float32)
-    if a.ndim != 2 or a.shape[1] != ncols:
-        raise ValueError(f'{name} must be an (N, {ncols}) array, got shape {a.shape}')
-    if not np.isfinite(a).all():
-        raise ValueError(f'{name} contains NaN or inf: {a[~np.isfinite(a).all(1)].tolist()}')
-    return a
-
-def as_points(points=None, arrows=None, static=None) -> np.ndarray:
-    "Merge points (x,y,u,v), arrows (x0,y0,x1,y1) and static points (x,y) into an (N,4) array."
-    p = _array(points, 4, 'points')
-    a = _array(arrows, 4, 'arrows')
-    s = _array(static, 2, 'static')
-    a = np.concatenate([a[:, :2], a[:, 2:] - a[:, :2]], 1)
-    s = np.concatenate([s, np.zeros_like(s)], 1)
-    return np.concatenate([p, a, s], 0).astype(np.float32)
+__all__ = ['DEFAULT_MAX_SIDE', 'model_size', 'Propagator', 'show_prediction', 'load_model', 'load_propagator']
 
 # %% ../nbs/03a_propagator.ipynb #9e2aeee4
 def model_size(h: int, w: int, max_side: int = 384, multiple: int = 32) -> tuple[int, int]:
@@ -51,10 +30,14 @@ DEFAULT_MAX_SIDE = 384   # the paper's training crop: the scale for a model whos
 
 class Propagator:
     "Encode an image once; predict dense flow (in the image's own pixels) for any guidance."
-    def __init__(self, model: torch.nn.Module, device=None, max_side: int | None = None, decode: str = 'softmax'):
-        if decode not in ('softmax', 'argmax'): raise ValueError(f"decode must be 'softmax' or 'argmax', got {decode!r}")
-        if max_side is None: max_side = getattr(getattr(model, 'record', None), 'train_crop', None) or DEFAULT_MAX_SIDE
-        if int(max_side) != max_side or max_side < 1: raise ValueError(f'max_side must be a positive integer, got {max_side!r}')
+    def __init__(self, model: torch.nn.Module, device=None, max_side: int | None = None,
+                 decode: str = 'softmax'):
+        if decode not in ('softmax', 'argmax'):
+            raise ValueError(f"decode must be 'softmax' or 'argmax', got {decode!r}")
+        if max_side is None:
+            max_side = getattr(getattr(model, 'record', None), 'train_crop', None) or DEFAULT_MAX_SIDE
+        if int(max_side) != max_side or max_side < 1:
+            raise ValueError(f'max_side must be a positive integer, got {max_side!r}')
         self.device = pick_device('auto' if device is None else device)
         self.model = model.to(self.device).eval()
         self.max_side, self.decode = int(max_side), decode
@@ -70,11 +53,12 @@ class Propagator:
         H, W = img.shape[:2]
         self.content_size = model_size(H, W, self.max_side, self.multiple)       # the image, resized
         lo = int(getattr(self.model, 'min_size', self.multiple))
-        self.in_size = tuple(max(s, lo) for s in self.content_size)              # ... padded to what the model takes
+        self.in_size = tuple(max(s, lo) for s in self.content_size)     # ... padded to what the model takes
         t = image_to_tensor(img, device=self.device)
-        if self.content_size != (H, W): t = F.interpolate(t, size=self.content_size, mode='bilinear', align_corners=False)
-        if self.in_size != self.content_size:                                     # long, narrow image: pad bottom/right
-            t = F.pad(t, (0, self.in_size[1] - self.content_size[1], 0, self.in_size[0] - self.content_size[0]), mode='replicate')
+        if self.content_size != (H, W):
+            t = F.interpolate(t, size=self.content_size, mode='bilinear', align_corners=False)
+        (h, w), (ph, pw) = self.content_size, self.in_size
+        if (ph, pw) != (h, w): t = F.pad(t, (0, pw - w, 0, ph - h), mode='replicate')   # long, narrow: pad
         self.features = self.model.encode(t)
         return self
 
@@ -89,7 +73,7 @@ class Propagator:
         out = (p[:, 0] < 0) | (p[:, 0] > W - 1) | (p[:, 1] < 0) | (p[:, 1] > H - 1)
         if out.any():
             raise ValueError(f'guidance points outside the {W}x{H} image (x, y): {p[out, :2].tolist()}')
-        far = (np.abs(p[:, 2:]) > 1e6).any(1)                  # would overflow float32 in the model: not a motion
+        far = (np.abs(p[:, 2:]) > 1e6).any(1)             # would overflow float32 in the model: not a motion
         if far.any(): raise ValueError(f'guidance vectors longer than 1e6 px (x, y, u, v): {p[far].tolist()}')
         h, w = self.content_size
         sx, sy = w / W, h / H
@@ -102,7 +86,7 @@ class Propagator:
         flow = dec(logits.float(), self.nbins, self.fmax)   # (N,2,h',w') in model-input pixels
         H, W = self.image.shape[:2]
         h, w = self.content_size
-        flow = flow[..., :h, :w]                              # the padding (long, narrow images) is not the image
+        flow = flow[..., :h, :w]                           # the padding (long, narrow images) is not the image
         flow = F.interpolate(flow, size=(H, W), mode='bilinear', align_corners=True)
         flow = flow * torch.tensor([W / w, H / h], device=flow.device).view(1, 2, 1, 1)
         return flow.permute(0, 2, 3, 1).cpu().numpy()
@@ -115,31 +99,23 @@ class Propagator:
 
     @torch.no_grad()
     def predict_many(self, guidance_sets) -> np.ndarray:
-        "Flows (K, H, W, 2) for K guidance sets of points (x,y,u,v), in one batch against the cached features."
+        "Flows (K, H, W, 2) for K guidance sets of points (x,y,u,v), one batch against the cached features."
         self._require_image()
         if len(guidance_sets) == 0: raise ValueError('predict_many needs at least one guidance set')
         sparse = torch.cat([self.sparse(points=g) for g in guidance_sets], 0)
         return self._decode(self.model.propagate(self.features, sparse))
 
 # %% ../nbs/03a_propagator.ipynb #7485f53e
-def draw_guidance(ax, points, color='red', static_color='cyan', scale: float = 1.0):
-    "Draw guidance points (x,y,u,v) on a matplotlib axis: arrows for moving points, dots for static ones."
-    p = as_points(points)
-    moving = np.abs(p[:, 2:]).sum(1) > 0
-    for x, y, u, v in p[moving]:
-        ax.annotate('', xy=(x + u * scale, y + v * scale), xytext=(x, y),
-                    arrowprops=dict(arrowstyle='->', color=color, lw=2))
-    ax.scatter(p[moving, 0], p[moving, 1], s=14, c=color)
-    ax.scatter(p[~moving, 0], p[~moving, 1], s=30, c=static_color, edgecolors='k')
-
 def show_prediction(image, points, flow, title: str = '', max_mag=None, fig=None):
     "Image + guidance | predicted flow (Middlebury colours) + guidance | colour wheel. Returns the figure."
     import matplotlib.pyplot as plt
+    image = load_image(image)
     fig = fig or plt.figure(figsize=(11, 4))
     gs = fig.add_gridspec(1, 3, width_ratios=[4, 4, 1.2])
     a, b, c = (fig.add_subplot(g) for g in gs)
-    a.imshow(image); draw_guidance(a, points); a.set_title(title or 'image + guidance')
-    b.imshow(flow_to_color(flow, max_mag=max_mag)); draw_guidance(b, points, color='k')
+    width = max(1, round(max(image.shape[:2]) / 200))
+    a.imshow(draw_guidance(image, points, thickness=width)); a.set_title(title or 'image + guidance')
+    b.imshow(draw_guidance(flow_to_color(flow, max_mag=max_mag), points, color=(0, 0, 0), thickness=width))
     mag = np.linalg.norm(flow, axis=-1)
     b.set_title(f'predicted flow (max |f| = {mag.max():.1f} px)')
     c.imshow(color_wheel()); c.set_title('direction')
@@ -160,11 +136,12 @@ def load_model(weights=None, device='cpu', file=None) -> torch.nn.Module:
         model.load_state_dict(ck['model'])
     else: model = load_official_checkpoint(path)
     if entry is not None and model.preset != entry.preset:
-        raise ValueError(f'{path} holds a {model.preset!r} model, but weights {entry.name!r} are {entry.preset!r}: wrong file?')
+        raise ValueError(f'{path} holds a {model.preset!r} model, but weights {entry.name!r} are '
+                         f'{entry.preset!r}: wrong file?')
     hf = isinstance(weights, str) and weights.startswith('hf://')
     model.record = make_record(weights if hf else path, model, ck, entry)
     return model.to(device)
 
 def load_propagator(weights=None, device=None, file=None, **kwargs) -> Propagator:
-    "A `Propagator` around `load_model(weights, file=file)`; it runs at the model's training scale unless `max_side=` is given."
+    "A `Propagator` around `load_model(weights, file=file)`, at the model's training scale unless `max_side=`."
     return Propagator(load_model(weights, file=file), device=device, **kwargs)

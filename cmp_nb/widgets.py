@@ -5,6 +5,8 @@
 # %% ../nbs/06_widgets.ipynb #0a4f5e1f
 from __future__ import annotations
 import base64, io, threading, time
+from importlib.resources import files
+from pathlib import Path
 import numpy as np
 import cv2
 import anywidget
@@ -12,17 +14,19 @@ import traitlets
 from PIL import Image
 
 from .flow import load_image, flow_to_color, color_wheel
-from .propagator import Propagator, as_points, load_propagator
+from .guidance import as_points, check_points
+from .propagator import Propagator, load_propagator
 
+# %% auto #0
+__all__ = ['EDIT_KINDS', 'CANVAS_JS', 'patch_to', 'split_edits', 'to_data_url', 'from_data_url', 'resize_image', 'FlowCanvas']
+
+# %% ../nbs/06_widgets.ipynb #b7417ddf
 def patch_to(cls):
     "Decorator: attach a function (or classmethod) to `cls` as a method, so a class can grow cell by cell."
     def deco(f):
         setattr(cls, getattr(f, '__name__', None) or f.__func__.__name__, f)
         return f
     return deco
-
-# %% auto #0
-__all__ = ['EDIT_KINDS', 'patch_to', 'split_edits', 'to_data_url', 'from_data_url', 'resize_image', 'FlowCanvas']
 
 # %% ../nbs/06_widgets.ipynb #2f201871
 EDIT_KINDS = ('arrow', 'static', 'pos', 'neg')
@@ -34,9 +38,11 @@ def split_edits(edits) -> dict:
         if not isinstance(e, (list, tuple)) or len(e) != 5:
             raise ValueError(f'edit {i} must be [kind, x0, y0, x1, y1], got {e!r}')
         kind, *xy = e
-        if kind not in EDIT_KINDS: raise ValueError(f'edit {i}: unknown kind {kind!r}, expected one of {EDIT_KINDS}')
+        if kind not in EDIT_KINDS:
+            raise ValueError(f'edit {i}: unknown kind {kind!r}, expected one of {EDIT_KINDS}')
         try: xy = [float(v) for v in xy]
-        except (TypeError, ValueError): raise ValueError(f'edit {i}: coordinates must be numbers, got {e!r}') from None
+        except (TypeError, ValueError):
+            raise ValueError(f'edit {i}: coordinates must be numbers, got {e!r}') from None
         if not np.isfinite(xy).all(): raise ValueError(f'edit {i}: coordinates must be finite, got {e!r}')
         out[kind].append(xy if kind == 'arrow' else xy[:2])
     return {k: np.asarray(v, np.float32).reshape(-1, 4 if k == 'arrow' else 2) for k, v in out.items()}
@@ -66,179 +72,7 @@ def resize_image(img: np.ndarray, size: tuple) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((w, h), Image.BOX if shrink else Image.BILINEAR))
 
 # %% ../nbs/06_widgets.ipynb #23ce4dfb
-_ESM = r"""
-const COLORS = { arrow: '#ff2020', static: '#00e5ff', pos: '#22dd22', neg: '#ff2020' };
-
-function mk(tag, cls, parent) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (parent) parent.appendChild(e);
-  return e;
-}
-
-function drawArrow(ctx, x0, y0, x1, y1, color, width) {
-  const a = Math.atan2(y1 - y0, x1 - x0), h = Math.max(7, 3 * width);
-  ctx.strokeStyle = color; ctx.fillStyle = color; ctx.lineWidth = width;
-  ctx.beginPath(); ctx.moveTo(x0, y0); ctx.lineTo(x1, y1); ctx.stroke();
-  ctx.beginPath(); ctx.moveTo(x1, y1);
-  ctx.lineTo(x1 - h * Math.cos(a - 0.45), y1 - h * Math.sin(a - 0.45));
-  ctx.lineTo(x1 - h * Math.cos(a + 0.45), y1 - h * Math.sin(a + 0.45));
-  ctx.closePath(); ctx.fill();
-}
-
-function drawDot(ctx, x, y, color) {
-  ctx.beginPath(); ctx.arc(x, y, 5, 0, 2 * Math.PI);
-  ctx.fillStyle = color; ctx.fill();
-  ctx.lineWidth = 1.5; ctx.strokeStyle = '#000'; ctx.stroke();
-}
-
-// edits are [kind, x0, y0, x1, y1] in IMAGE pixels; sx, sy map them to canvas pixels
-function drawEdits(ctx, edits, sx, sy, onResult) {
-  for (const [kind, x0, y0, x1, y1] of edits) {
-    if (kind === 'arrow') drawArrow(ctx, x0 * sx, y0 * sy, x1 * sx, y1 * sy, onResult ? '#000' : COLORS.arrow, 2.5);
-    else drawDot(ctx, x0 * sx, y0 * sy, COLORS[kind] || '#fff');
-  }
-}
-
-function render({ model, el }) {
-  el.classList.add('cmp-canvas');
-  const bar = mk('div', 'cmp-bar', el);
-  const undoB = mk('button', 'cmp-undo', bar); undoB.textContent = 'Undo';
-  const clearB = mk('button', 'cmp-clear', bar); clearB.textContent = 'Clear';
-  const signB = mk('button', 'cmp-sign', bar);
-  const status = mk('span', 'cmp-status', bar);
-  const row = mk('div', 'cmp-row', el);
-  const left = mk('div', 'cmp-panel', row);
-  const cv = mk('canvas', 'cmp-input', left);
-  const right = mk('div', 'cmp-panel', row);
-  const res = mk('img', 'cmp-result', right);
-  const ov = mk('canvas', 'cmp-overlay', right);
-  const legend = mk('img', 'cmp-legend', row);
-  const help = mk('div', 'cmp-help', el);
-  const ctx = cv.getContext('2d'), octx = ov.getContext('2d');
-  const bg = new Image();
-  const times = {};            // seq -> {sent, shown} (performance.now() ms), read by tests
-  el.cmpTimes = times;
-  let sign = 'pos', drag = null, W = 1, H = 1, dw = 1, dh = 1;
-
-  function redraw(preview) {
-    ctx.clearRect(0, 0, dw, dh);
-    if (bg.complete && bg.naturalWidth) ctx.drawImage(bg, 0, 0, dw, dh);
-    const sx = dw / W, sy = dh / H, edits = model.get('edits') || [];
-    drawEdits(ctx, edits, sx, sy, false);
-    if (preview) {
-      ctx.setLineDash([6, 4]);
-      drawArrow(ctx, preview[0][0] * sx, preview[0][1] * sy, preview[1][0] * sx, preview[1][1] * sy, '#ffe000', 2);
-      ctx.setLineDash([]);
-    }
-    octx.clearRect(0, 0, dw, dh);
-    drawEdits(octx, edits, sx, sy, true);
-  }
-
-  function layout() {
-    W = Math.max(1, model.get('img_width')); H = Math.max(1, model.get('img_height'));
-    // the display size comes from Python (both sides, so a capped height maps back exactly)
-    dw = Math.max(1, model.get('display_width')); dh = Math.max(1, model.get('display_height') || Math.round(dw * H / W));
-    for (const c of [cv, ov]) { c.width = dw; c.height = dh; c.style.width = dw + 'px'; c.style.height = dh + 'px'; }
-    res.style.width = dw + 'px'; res.style.height = dh + 'px';
-    const annotate = model.get('mode') === 'annotate';
-    legend.style.display = annotate ? 'none' : '';
-    signB.style.display = annotate ? '' : 'none';
-    signB.textContent = sign === 'pos' ? 'clicks: positive (+)' : 'clicks: negative (-)';
-    help.textContent = annotate
-      ? 'click: positive point; shift-click, right-click or the toggle: negative point'
-      : 'drag: arrow (this pixel moves there); click: static point (this pixel stays)';
-    redraw();
-  }
-
-  function toImage(ev) {
-    const r = cv.getBoundingClientRect();
-    const x = (ev.clientX - r.left) * W / r.width, y = (ev.clientY - r.top) * H / r.height;
-    return [Math.round(10 * x) / 10, Math.round(10 * y) / 10];
-  }
-  const clampIn = (p) => [Math.min(Math.max(p[0], 0), W - 1), Math.min(Math.max(p[1], 0), H - 1)];
-
-  // the only way edits reach Python: the whole edit list plus a sequence number, in one update
-  function commit(edits) {
-    const seq = model.get('seq') + 1;
-    model.set('edits', edits);
-    model.set('seq', seq);
-    model.save_changes();
-    times[seq] = { sent: performance.now() };
-    el.dataset.sentSeq = String(seq);
-    redraw();
-  }
-
-  // called when Python announces a new result (shown_seq); the picture may be unchanged
-  // (an error, or an identical mask), so "shown" is marked at once when there is nothing to load
-  function showResult() {
-    const url = model.get('result_url'), s = model.get('shown_seq');
-    const mark = () => {
-      if (times[s] && times[s].shown === undefined) times[s].shown = performance.now();
-      el.dataset.shownSeq = String(s);
-    };
-    if (!url || (res.getAttribute('src') === url && res.complete)) { mark(); return; }
-    res.onload = mark;
-    res.src = url;
-  }
-
-  const onDown = (e) => {
-    if (e.button !== 0 && e.button !== 2) return;
-    e.preventDefault();
-    if (cv.setPointerCapture) cv.setPointerCapture(e.pointerId);
-    drag = { p: clampIn(toImage(e)), cx: e.clientX, cy: e.clientY, button: e.button, shift: e.shiftKey };
-  };
-  const onMove = (e) => {
-    if (drag && model.get('mode') !== 'annotate') redraw([drag.p, toImage(e)]);
-  };
-  const onUp = (e) => {
-    if (!drag) return;
-    const d = drag, q = toImage(e);
-    drag = null;
-    const moved = Math.hypot(e.clientX - d.cx, e.clientY - d.cy) >= 4;
-    const edits = (model.get('edits') || []).slice();
-    if (model.get('mode') === 'annotate') {
-      const neg = d.button === 2 || d.shift || sign === 'neg';
-      edits.push([neg ? 'neg' : 'pos', d.p[0], d.p[1], d.p[0], d.p[1]]);
-    } else if (moved) {
-      edits.push(['arrow', d.p[0], d.p[1], q[0], q[1]]);
-    } else {
-      edits.push(['static', d.p[0], d.p[1], d.p[0], d.p[1]]);
-    }
-    commit(edits);
-  };
-  const onCancel = () => { drag = null; redraw(); };
-  const noMenu = (e) => e.preventDefault();
-  cv.addEventListener('pointerdown', onDown);
-  cv.addEventListener('pointermove', onMove);
-  cv.addEventListener('pointerup', onUp);
-  cv.addEventListener('pointercancel', onCancel);
-  cv.addEventListener('contextmenu', noMenu);
-  undoB.addEventListener('click', () => { const e = model.get('edits') || []; if (e.length) commit(e.slice(0, -1)); });
-  clearB.addEventListener('click', () => { if ((model.get('edits') || []).length) commit([]); });
-  signB.addEventListener('click', () => { sign = sign === 'pos' ? 'neg' : 'pos'; layout(); });
-  bg.onload = () => redraw();
-
-  const handlers = {
-    'change:image_url': () => { bg.src = model.get('image_url'); },
-    'change:legend_url': () => { legend.src = model.get('legend_url'); },
-    'change:img_width': layout, 'change:img_height': layout,
-    'change:display_width': layout, 'change:display_height': layout, 'change:mode': layout,
-    'change:edits': () => redraw(),
-    'change:shown_seq': showResult,
-    'change:status': () => { status.textContent = model.get('status'); },
-  };
-  for (const [name, fn] of Object.entries(handlers)) model.on(name, fn);
-  bg.src = model.get('image_url');
-  legend.src = model.get('legend_url');
-  status.textContent = model.get('status');
-  layout();
-  showResult();
-  return () => { for (const [name, fn] of Object.entries(handlers)) model.off(name, fn); };
-}
-
-export default { render };
-"""
+CANVAS_JS = Path(str(files('cmp_nb') / 'static' / 'canvas.js'))     # the front end: an ES module
 
 _CSS = """
 .cmp-canvas { font-family: sans-serif; font-size: 12px; }
@@ -257,7 +91,7 @@ def _plural(n: int, word: str) -> str: return f"{n} {word}{'' if n == 1 else 's'
 
 class FlowCanvas(anywidget.AnyWidget):
     "Draw arrows (drag) and static points (click) on an image; the predicted flow is shown beside it."
-    _esm = _ESM
+    _esm = CANVAS_JS                                   # anywidget reads the file (a Path)
     _css = _CSS
     image_url = traitlets.Unicode('').tag(sync=True)
     result_url = traitlets.Unicode('').tag(sync=True)
@@ -272,8 +106,9 @@ class FlowCanvas(anywidget.AnyWidget):
     shown_seq = traitlets.Int(-1).tag(sync=True)
     status = traitlets.Unicode('').tag(sync=True)
 
-    def __init__(self, propagator: Propagator, image, display_width: int | None = None, max_mag: float | None = None,
-                 threaded: bool = True, max_display_height: int | None = 448, **kwargs):
+    def __init__(self, propagator: Propagator, image, display_width: int | None = None,
+                 max_mag: float | None = None, threaded: bool = True, max_display_height: int | None = 448,
+                 **kwargs):
         if not (hasattr(propagator, 'set_image') and hasattr(propagator, 'predict')):
             raise TypeError(f'propagator must be a cmp_nb Propagator, got {type(propagator).__name__}')
         super().__init__(**kwargs)
@@ -301,12 +136,13 @@ class FlowCanvas(anywidget.AnyWidget):
 # %% ../nbs/06_widgets.ipynb #5f9782b2
 @patch_to(FlowCanvas)
 def _display_size(self, H: int, W: int) -> tuple:
-    "(h, w) on screen: the requested width (default: the image's, within 256..448), height capped, aspect kept."
+    "(h, w) on screen: the requested width (default: the image's, within 256..448), height capped."
     dw = self._want_width or int(np.clip(W, 256, 448))
     cap = self._max_height
-    if cap and dw * H / W > cap: return int(cap), max(1, int(round(cap * W / H)))   # tall image: cap the height
+    if cap and dw * H / W > cap: return int(cap), max(1, int(round(cap * W / H)))   # tall image: cap height
     return max(1, int(round(dw * H / W))), int(dw)
 
+# %% ../nbs/06_widgets.ipynb #a0801fc3
 @patch_to(FlowCanvas)
 def set_image(self, image) -> 'FlowCanvas':
     "Encode a new image (path or array) once, show it, and clear the edits."
@@ -338,8 +174,9 @@ def _on_seq(self, change):
         else:
             self._latest = seq
             self.stats['requests'] += 1
-            req = (seq, [list(e) if isinstance(e, (list, tuple)) else e for e in self.edits])   # bad items: split_edits says so
-    if rewound:                                # renumber: this re-enters _on_seq with a newer seq and the same edits
+            edits = [list(e) if isinstance(e, (list, tuple)) else e for e in self.edits]  # bad: an error
+            req = (seq, edits)
+    if rewound:                          # renumber: this re-enters _on_seq with a newer seq, the same edits
         self.seq = self._latest + 1; return
     if not self.threaded: return self._run(req)
     with self._cond:
@@ -350,6 +187,7 @@ def _on_seq(self, change):
             self._worker.start()
         self._cond.notify_all()
 
+# %% ../nbs/06_widgets.ipynb #f022ffee
 @patch_to(FlowCanvas)
 def _loop(self):
     while True:
@@ -375,7 +213,7 @@ def _run(self, req):
         picture, url, state, err, info = None, None, {}, e, f'error: {type(e).__name__}: {e}'
     ms = 1000 * (time.perf_counter() - t0)
     with self._publish_lock:                               # no new edit can arrive between check and publish
-        if seq < self._latest:                             # superseded: neither its result nor its error is shown
+        if seq < self._latest:                             # superseded: neither its result nor its error shows
             self.stats['dropped'] += 1; return
         self.stats['computed'] += 1
         for k, v in state.items(): setattr(self, k, v)
@@ -393,10 +231,11 @@ def _compute(self, edits):
     mag = float(np.linalg.norm(flow, axis=-1).max())
     (dh, dw), (H, W) = self.disp_size, flow.shape[:2]
     small = flow if (dh, dw) == (H, W) else cv2.resize(flow, (dw, dh), interpolation=cv2.INTER_AREA)
-    picture = flow_to_color(small, max_mag=self.max_mag or max(mag, 1e-6))   # colours at display size: cheaper
+    picture = flow_to_color(small, max_mag=self.max_mag or max(mag, 1e-6))   # colours at display size
     info = f"{_plural(len(g['arrow']), 'arrow')}, {len(g['static'])} static, max |flow| {mag:.1f} px"
     return picture, info, dict(flow=flow)
 
+# %% ../nbs/06_widgets.ipynb #40560e2d
 @patch_to(FlowCanvas)
 def guidance(self) -> np.ndarray:
     "The current edits as guidance points (N,4) x,y,u,v in image pixels."
@@ -408,15 +247,15 @@ def guidance(self) -> np.ndarray:
 def edit(self, arrows=None, static=None, edits=None) -> 'FlowCanvas':
     "Replace the edit list from Python (as the browser would) and request a prediction."
     if edits is None:
-        a = np.asarray(arrows if arrows is not None else np.zeros((0, 4)), np.float32).reshape(-1, 4)
-        s = np.asarray(static if static is not None else np.zeros((0, 2)), np.float32).reshape(-1, 2)
-        edits = [['arrow', *map(float, r)] for r in a] + [['static', *map(float, r), *map(float, r)] for r in s]
+        a, s = check_points(arrows, 'arrows').tolist(), check_points(static, 'static points', ncols=2).tolist()
+        edits = [['arrow', *r] for r in a] + [['static', *r, *r] for r in s]
     split_edits(edits)
     with self.hold_trait_notifications():
         self.edits = [list(e) for e in edits]
         self.seq = max(self.seq, self._latest) + 1
     return self
 
+# %% ../nbs/06_widgets.ipynb #8fe5b60a
 @patch_to(FlowCanvas)
 def wait(self, timeout: float = 30.0) -> bool:
     "Block until the newest requested edit has been shown (True) or `timeout` seconds pass (False)."
@@ -428,6 +267,7 @@ def wait(self, timeout: float = 30.0) -> bool:
             self._cond.wait(min(left, 0.05))
     return True
 
+# %% ../nbs/06_widgets.ipynb #eb78fc51
 @patch_to(FlowCanvas)
 def show(self, title: str = ''):
     "Matplotlib picture of the current state: image + guidance | flow + guidance | colour wheel."
@@ -439,5 +279,5 @@ def show(self, title: str = ''):
 @patch_to(FlowCanvas)
 @classmethod
 def from_checkpoint(cls, path, image, device=None, max_side: int | None = None, **kwargs):
-    "A canvas around `load_propagator(path)`: a weights name, a path or 'hf://...'; `max_side` None = the training scale."
+    "A canvas around `load_propagator(path)` (a weights name, a path or 'hf://...'), at its training scale."
     return cls(load_propagator(path, device=device, max_side=max_side), image, **kwargs)

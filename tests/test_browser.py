@@ -2,8 +2,10 @@
 Chromium driven by playwright. Runs a small demo notebook, drags arrows on the canvas, and checks
 that Python received them and the flow picture changed; measures drag -> new flow latency.
 
-Artifacts (gitignored): test-artifacts/browser_canvas.png (after the first drag),
-test-artifacts/browser_canvas_final.png, test-artifacts/latency.json.
+Artifacts (gitignored): test-artifacts/browser_canvas.png (the page after the first drag),
+test-artifacts/browser_widget.png (the widget alone after the first drag, checked to show the red arrow on the
+photo and the flow picture beside it; nbs/images/canvas_jupyterlab.png in 06_widgets is a copy of one),
+test-artifacts/browser_canvas_final.png, test-artifacts/browser_annotate.png, test-artifacts/latency.json.
 The page gets no internet: every request to anything but the local JupyterLab is aborted, and
 the test fails if there was any (the widget and JupyterLab must work offline).
 Needs /usr/bin/chromium (tools/install_browser.sh), playwright and jupyterlab. When one is missing
@@ -232,6 +234,24 @@ def _sent(page) -> int:
     return int(page.eval_on_selector(WIDGET, 'e => e.dataset.sentSeq'))
 
 
+def check_widget_screenshot(png: Path, widget: dict, canvas: dict, result: dict):
+    """The widget's screenshot after one drag shows what a user sees: the arrow in red (#ff2020) on the photo,
+    and beside it the flow picture (many colours), with the arrow over it in black. Boxes are page CSS pixels
+    (the screenshot is at device scale 1)."""
+    from PIL import Image
+    shot = np.asarray(Image.open(png).convert('RGB')).astype(int)
+    assert abs(shot.shape[1] - widget['width']) <= 2 and abs(shot.shape[0] - widget['height']) <= 2, shot.shape
+    def crop(b):
+        x, y = round(b['x'] - widget['x']), round(b['y'] - widget['y'])
+        return shot[y:y + round(b['height']), x:x + round(b['width'])]
+    photo, flow = crop(canvas), crop(result)
+    red = (np.abs(photo - [255, 32, 32]).max(-1) < 40).sum()
+    assert red > 60, f'no red arrow on the photo in {png} ({red} red pixels)'
+    colours = len(np.unique(flow // 32 @ [64, 8, 1]))            # distinct colours, 8 levels a channel
+    assert colours >= 6, f'the flow picture in {png} has only {colours} colours'
+    assert (flow.max(-1) < 40).sum() > 30, f'no black arrow over the flow picture in {png}'
+
+
 def _on_console(errors, msg):
     if msg.type == 'error':
         errors.append(dict(kind='console', text=msg.text, url=(msg.location or {}).get('url')))
@@ -289,6 +309,8 @@ def test_canvas_in_jupyterlab(request):
             assert max(abs(a - b) for a, b in zip(got['edits'][0][1:], exp)) < 3, (got['edits'], exp)
             page.screenshot(path=str(ARTIFACTS / 'browser_canvas.png'))
             page.locator(WIDGET).screenshot(path=str(ARTIFACTS / 'browser_widget.png'))
+            check_widget_screenshot(ARTIFACTS / 'browser_widget.png', page.locator(WIDGET).bounding_box(), box,
+                                    page.locator(f'{WIDGET} img.cmp-result').bounding_box())
 
             # 2. latency over 10 drags, one at a time
             seqs = []

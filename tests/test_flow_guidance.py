@@ -506,3 +506,65 @@ def test_sparse_roundtrip_random():
     expect(ValueError, lambda: arrows_to_sparse([[0, 0, 1]], (5, 5)), '(N,4)')
     expect(ValueError, lambda: arrows_to_sparse([], (5, 5), static=[[1, 2, 3]]), 'static points', '(N,2)')
     expect(ValueError, lambda: sparse_to_points(np.zeros((2, 4, 5, 5))), '(2, 4, 5, 5)')
+
+
+# ----------------------------------------------------------------------------------------------- drawing guidance
+def _guidance_picture_case():
+    "A textured picture and a sparse tensor with arrows of every direction and length, static points and border points."
+    rng = np.random.default_rng(3)
+    img = (rng.random((60, 80, 3)) * 255).astype(np.uint8)
+    ids = rng.choice(60 * 80, 30, replace=False)
+    pts = np.c_[ids % 80, ids // 80, rng.normal(0, 8, (30, 2))].astype(np.float32)
+    pts[::4, 2:] = 0                                                          # static points
+    pts = np.r_[pts, [[0, 0, 5, 5], [79, 59, -30, 2.5], [40, 0, 0, 0], [10, 10, 0.2, -0.4]]].astype(np.float32)
+    return img, points_to_sparse(pts, (60, 80))
+
+
+def test_draw_guidance_from_sparse_matches_the_training_picture():
+    """The training logs' picture (train.draw_guidance_np: red arrows with a dot at the start, cyan dots for static
+    points, drawn by OpenCV on a (4,H,W) sparse tensor) is exactly draw_guidance on sparse_to_points, pixel for pixel."""
+    from cmp_nb.train import draw_guidance_np
+    img, sp = _guidance_picture_case()
+    for scale in (1.0, 2.0):
+        ours = G.draw_guidance(img, sparse_to_points(sp), scale=scale)
+        assert np.array_equal(ours, draw_guidance_np(img, sp, scale=scale)), scale
+        assert np.array_equal(ours, G.draw_guidance(img, sparse_to_points(sp.numpy()), scale=scale))   # array input
+    assert (ours != img).any(axis=2).sum() > 200                              # it did draw
+
+
+def test_draw_guidance_colours_and_axes():
+    img = np.full((50, 70, 3), 90, np.uint8)
+    pts = [[10, 25, 40, 0], [60, 8, 0, 0]]
+    out = G.draw_guidance(img, pts)
+    assert (img == 90).all()                                                 # a copy: the input is untouched
+    assert out[25, 10].tolist() == [255, 0, 0] and out[8, 60].tolist() == [0, 255, 255]
+    assert out[25, 30, 0] > 200 and out[25, 30, 1:].max() < 60               # the shaft, anti-aliased red
+    assert out[45, 5].tolist() == [90, 90, 90]
+    black = G.draw_guidance(img, pts, color=(0, 0, 0), thickness=2)
+    assert black[25, 10].tolist() == [0, 0, 0] and black[27, 10].tolist() == [0, 0, 0]   # dot radius 3
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    ax.imshow(img)
+    assert G.draw_guidance(ax, pts) is ax                                    # an Axes: drawn on its picture
+    assert np.array_equal(np.asarray(ax.get_images()[-1].get_array()), out)
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    expect(ValueError, lambda: G.draw_guidance(ax, pts), 'no image')
+    plt.close(fig)
+    expect(ValueError, lambda: G.draw_guidance(img[..., 0], pts), 'uint8 (H,W,3)')
+    expect(ValueError, lambda: G.draw_guidance(img, [[1, 2, 3]]), 'points must be an (N,4)')
+
+
+def test_check_points_is_the_one_validator():
+    "guidance and propagator take points through the same check: same errors from every entry point."
+    from cmp_nb.propagator import as_points as prop_as_points
+    assert prop_as_points is G.as_points
+    for fn in (lambda p: G.points_to_sparse(p, (5, 5)), lambda p: G.as_points(points=p), G.check_points):
+        expect(ValueError, lambda: fn([[0, 0, float('nan'), 0]]), 'points contain 1 non-finite values (NaN or inf)')
+        expect(ValueError, lambda: fn([[0, 0, 0]]), 'points must be an (N,4) array, got shape (1, 3)')
+        expect(ValueError, lambda: fn([['a', 0, 0, 0]]), 'array of numbers')
+    expect(ValueError, lambda: G.arrows_to_sparse([[0, 0, 1, float('inf')]], (5, 5)), 'arrows contain 1 non-finite')
+    got = G.check_points(torch.tensor([[1.5, 2, 3, 4]], dtype=torch.float64))
+    assert got.dtype == np.float32 and got.tolist() == [[1.5, 2, 3, 4]]

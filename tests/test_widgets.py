@@ -1,5 +1,10 @@
 """FlowCanvas / AnnotationCanvas driven exactly as the browser drives them: update messages
 carrying the edit list and a sequence number go through ipywidgets' own `_handle_msg`."""
+import json
+import os
+import re
+import shutil
+import subprocess
 import threading
 from pathlib import Path
 
@@ -9,7 +14,7 @@ import torch
 
 from cmp_nb.model import build_model
 from cmp_nb.propagator import Propagator, load_propagator
-from cmp_nb.widgets import FlowCanvas, split_edits, from_data_url, _ESM
+from cmp_nb.widgets import CANVAS_JS, FlowCanvas, split_edits, from_data_url
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / 'data_samples' / 'quickstart.pt'
@@ -66,9 +71,64 @@ def test_widget_without_front_end(prop, image):
     assert from_data_url(c.legend_url).shape == (96, 96, 3)
 
 
-def test_front_end_module_is_offline():
-    assert 'export default' in _ESM
-    assert 'import ' not in _ESM and 'http' not in _ESM and 'require(' not in _ESM
+# Node's own ES-module parser (vm.SourceTextModule) reads the file: its static imports are the module's requests
+# (`moduleRequests`, or `dependencySpecifiers` on older Node); then the module is linked with a linker that refuses
+# everything and evaluated in an empty context (no DOM, no fetch), and its exports are listed.
+MODULE_CHECK = r"""
+import vm from 'node:vm';
+import fs from 'node:fs';
+const src = fs.readFileSync(process.argv[1], 'utf8');
+const m = new vm.SourceTextModule(src, { identifier: 'canvas.js', context: vm.createContext({}) });
+const requests = m.moduleRequests ? m.moduleRequests.map((r) => r.specifier) : m.dependencySpecifiers;
+let linked = 'yes';
+try {
+  await m.link((spec) => { throw new Error(`refused import ${spec}`); });
+  await m.evaluate();
+} catch (e) { linked = String(e.message); }
+const ns = linked === 'yes' ? m.namespace : {};
+console.log(JSON.stringify({ requests: [...requests], linked, exports: Object.keys(ns),
+                             render: typeof (ns.default && ns.default.render) }));
+"""
+
+
+def parse_module(path: Path) -> dict:
+    "What Node's module parser says of an ES module file (a missing node skips, except under CI)."
+    node = shutil.which('node')
+    if node is None:
+        if os.environ.get('CI', '').strip().lower() not in ('', '0', 'false', 'no'):
+            pytest.fail('node is needed to parse the widget module (CI is set, so this fails instead of skipping)')
+        pytest.skip('node is not installed')
+    out = subprocess.run([node, '--experimental-vm-modules', '--no-warnings', '--input-type=module', '-e', MODULE_CHECK,
+                          str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr            # a syntax error in the module ends here
+    return json.loads(out.stdout)
+
+
+def test_front_end_module_is_self_contained(prop):
+    """The widget's ES module, as Node parses it: no static imports at all (so nothing for the page to fetch, and
+    a relative import could not resolve either: anywidget loads the module from a blob URL), it evaluates with
+    nothing from outside, and it exports `default.render`. Runtime requests are the browser test's part: it
+    refuses every request off the machine and asserts that the page made none."""
+    assert parse_module(CANVAS_JS) == {'requests': [], 'linked': 'yes', 'exports': ['default'], 'render': 'function'}
+    src = CANVAS_JS.read_text()
+    code = re.sub(r'//[^\n]*|/\*.*?\*/', '', src, flags=re.S)   # comments out: they load nothing
+    for token in ('import(', 'fetch(', 'XMLHttpRequest', 'WebSocket', 'EventSource', 'sendBeacon', 'http:', 'https:'):
+        assert token not in code, f'canvas.js uses {token!r}: a way to load something at run time'
+    c = FlowCanvas(prop, np.zeros((8, 8, 3), np.uint8), threaded=False)
+    assert c._esm == src                                       # the module the browser receives is this file
+
+
+def test_module_check_sees_imports(tmp_path):
+    "The parse above can fail: a module importing from a CDN or a sibling file is reported, and refused."
+    bad = tmp_path / 'bad.js'
+    bad.write_text("import confetti from 'https://cdn.example/confetti.js';\nimport { x } from './x.js';\n"
+                   "export default { render() { confetti(x); } };\n")
+    got = parse_module(bad)
+    assert got['requests'] == ['https://cdn.example/confetti.js', './x.js'], got
+    assert got['linked'].startswith('refused import'), got
+    bad.write_text('export default { render( };')
+    with pytest.raises(AssertionError, match='SyntaxError'):
+        parse_module(bad)
 
 
 def test_arrow_reaches_model_as_sparse_input(prop, image):
