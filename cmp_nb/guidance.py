@@ -14,7 +14,8 @@ from .flow import check_flow, _flow_numpy, _to_torch
 # %% auto #0
 __all__ = ['sobel_magnitude', 'edge_threshold', 'flow_edges', 'edge_distance2', 'nms_peaks', 'drop_close_points', 'grid_points',
            'subsample_factor', 'sample_guidance', 'sample_interactive', 'sample_guidance_batch', 'check_points',
-           'as_points', 'points_to_sparse', 'arrows_to_sparse', 'sparse_to_points', 'draw_guidance']
+           'as_points', 'points_to_sparse', 'arrows_to_sparse', 'sparse_to_points', 'draw_guidance',
+           'nearest_guidance_flow']
 
 # %% ../nbs/01_guidance.ipynb #7d706b22
 def sobel_magnitude(flow: np.ndarray) -> np.ndarray:
@@ -412,3 +413,16 @@ def draw_guidance(image, points, scale: float = 1.0, color=(255, 0, 0), static_c
         cv2.arrowedLine(img, start, end, color, thickness, cv2.LINE_AA, tipLength=0.3)
         cv2.circle(img, start, dot, color, -1)
     return img
+
+# %% ../nbs/01_guidance.ipynb #c023
+def nearest_guidance_flow(sparse: torch.Tensor) -> torch.Tensor:
+    "(B,4,H,W) guidance -> (B,2,H,W) flow where every pixel copies its nearest guided pixel (zero if none)."
+    from scipy.ndimage import distance_transform_edt
+    sp = sparse.detach().float().cpu()
+    out = torch.zeros(sp.shape[0], 2, *sp.shape[-2:])
+    for b in range(sp.shape[0]):
+        m = (sp[b, 2] > 0).numpy()
+        if not m.any(): continue
+        iy, ix = distance_transform_edt(~m, return_distances=False, return_indices=True)
+        out[b] = sp[b, :2][:, torch.from_numpy(iy), torch.from_numpy(ix)]
+    return out.to(sparse.device)

@@ -24,16 +24,17 @@ from .checkpoint import (Checkpoints, ResumableBatchSampler, SeededSamples, load
 from .flow import flow_to_color, tensor_to_image
 from .model import build_model
 from .losses import DiscreteFlowLoss, logits_to_flow
+from .guidance import draw_guidance, nearest_guidance_flow, sparse_to_points
 
 # %% auto #0
 __all__ = ['AMP_DTYPES', 'NO_RESUME', 'RUN_FILES', 'TASKS', 'EVENTS', 'DistInfo', 'setup_distributed', 'all_reduce_mean',
            'DistBatchNorm2d', 'convert_sync_bn', 'build_datasets', 'collate', 'MapBatches', 'ShardBatches',
            'make_loader', 'autocast_for', 'make_scaler', 'unwrap', 'build_train_model', 'wrap_model', 'batch_to_device',
-           'check_finite', 'nearest_guidance_flow', 'dense_flow', 'predict_flow', 'evaluate', 'draw_guidance_np',
-           'flow_panel', 'StopRequest', 'gather_states', 'training_state', 'restore_training_state', 'RunDirInUse',
-           'export_weights', 'Task', 'CMPTask', 'register_task', 'get_task', 'Callback', 'Learner', 'StopCB',
-           'ProgressCB', 'metrics_row', 'MetricsCB', 'TensorBoardCB', 'ValidationCB', 'CheckpointCB',
-           'default_callbacks', 'train', 'to_torchvision_resnet', 'export_encoder', 'export_encoder_main', 'main']
+           'check_finite', 'dense_flow', 'predict_flow', 'evaluate', 'flow_panel', 'StopRequest', 'gather_states',
+           'training_state', 'restore_training_state', 'RunDirInUse', 'export_weights', 'Task', 'CMPTask',
+           'register_task', 'get_task', 'Callback', 'Learner', 'StopCB', 'ProgressCB', 'metrics_row', 'MetricsCB',
+           'TensorBoardCB', 'ValidationCB', 'CheckpointCB', 'default_callbacks', 'train', 'to_torchvision_resnet',
+           'export_encoder', 'export_encoder_main', 'main']
 
 # %% ../nbs/05_train.ipynb #c006
 @dataclass(frozen=True)
@@ -288,19 +289,6 @@ def check_finite(loss: torch.Tensor):
     if not torch.isfinite(loss):
         raise FloatingPointError(f'training loss became {loss.item()}; lower optim.lr or check the data')
 
-# %% ../nbs/05_train.ipynb #c023
-def nearest_guidance_flow(sparse: torch.Tensor) -> torch.Tensor:
-    "(B,4,H,W) guidance -> (B,2,H,W) flow where every pixel copies its nearest guided pixel (zero if none)."
-    from scipy.ndimage import distance_transform_edt
-    sp = sparse.detach().float().cpu()
-    out = torch.zeros(sp.shape[0], 2, *sp.shape[-2:])
-    for b in range(sp.shape[0]):
-        m = (sp[b, 2] > 0).numpy()
-        if not m.any(): continue
-        iy, ix = distance_transform_edt(~m, return_distances=False, return_indices=True)
-        out[b] = sp[b, :2][:, torch.from_numpy(iy), torch.from_numpy(ix)]
-    return out.to(sparse.device)
-
 # %% ../nbs/05_train.ipynb #b1a4361b
 def dense_flow(logits: torch.Tensor, nbins: int, fmax: float, size) -> torch.Tensor:
     "Decoded flow (B,2,H,W) at `size` (bilinear, align_corners=True; vectors are already in input pixels)."
@@ -349,28 +337,11 @@ def evaluate(model: nn.Module, dataset, device=None, batch_size: int = 8, max_sa
     if count == 0: raise ValueError('evaluate: no valid pixel in the dataset')
     return {**{k: v / count for k, v in sums.items()}, 'samples': n}
 
-# %% ../nbs/05_train.ipynb #c027
-def draw_guidance_np(image: np.ndarray, sparse, scale: float = 1.0) -> np.ndarray:
-    "A copy of an (H,W,3) uint8 image with the guidance of a (4,H,W) sparse tensor drawn on it."
-    import cv2
-    img = np.ascontiguousarray(image).copy()
-    sp = (sparse.detach().float().cpu().numpy() if torch.is_tensor(sparse)
-          else np.asarray(sparse, np.float32))
-    ys, xs = np.nonzero(sp[2] > 0)
-    for y, x in zip(ys, xs):
-        u, v = sp[0, y, x], sp[1, y, x]
-        if abs(u) + abs(v) > 0:
-            end = (int(round(x + u * scale)), int(round(y + v * scale)))
-            cv2.arrowedLine(img, (int(x), int(y)), end, (255, 0, 0), 1, cv2.LINE_AA, tipLength=0.3)
-            cv2.circle(img, (int(x), int(y)), 2, (255, 0, 0), -1)
-        else: cv2.circle(img, (int(x), int(y)), 2, (0, 255, 255), -1)
-    return img
-
 # %% ../nbs/05_train.ipynb #f9fbc465
 def flow_panel(image: torch.Tensor, sparse: torch.Tensor, pred: torch.Tensor,
                target: torch.Tensor = None) -> np.ndarray:
     "[image + guidance | predicted flow | target flow] as one (H, 3W, 3) uint8 picture, for one sample."
-    img = draw_guidance_np(tensor_to_image(image.float()), sparse)
+    img = draw_guidance(tensor_to_image(image.float()), sparse_to_points(sparse))
     to_np = lambda f: f.detach().float().cpu().permute(1, 2, 0).numpy()
     ref = to_np(target if target is not None else pred)
     mag = max(float(np.hypot(ref[..., 0], ref[..., 1]).max()), 1e-3)

@@ -520,16 +520,20 @@ def _guidance_picture_case():
     return img, points_to_sparse(pts, (60, 80))
 
 
-def test_draw_guidance_from_sparse_matches_the_training_picture():
-    """The training logs' picture (train.draw_guidance_np: red arrows with a dot at the start, cyan dots for static
-    points, drawn by OpenCV on a (4,H,W) sparse tensor) is exactly draw_guidance on sparse_to_points, pixel for pixel."""
-    from cmp_nb.train import draw_guidance_np
+def test_training_picture_draws_guidance_with_draw_guidance():
+    """The training logs' picture (train.flow_panel) draws the guidance of a (4,H,W) sparse tensor with
+    draw_guidance on sparse_to_points: its left panel is exactly that drawing, tensor or array input alike."""
+    import torch
+    from cmp_nb.train import flow_panel
+    from cmp_nb.flow import image_to_tensor, tensor_to_image
     img, sp = _guidance_picture_case()
-    for scale in (1.0, 2.0):
-        ours = G.draw_guidance(img, sparse_to_points(sp), scale=scale)
-        assert np.array_equal(ours, draw_guidance_np(img, sp, scale=scale)), scale
-        assert np.array_equal(ours, G.draw_guidance(img, sparse_to_points(sp.numpy()), scale=scale))   # array input
-    assert (ours != img).any(axis=2).sum() > 200                              # it did draw
+    t = image_to_tensor(img)[0]                                              # (3,H,W)
+    zero = torch.zeros(2, 60, 80)
+    left = flow_panel(t, sp, zero, zero)[:, :80]
+    ours = G.draw_guidance(tensor_to_image(t), sparse_to_points(sp))
+    assert np.array_equal(left, ours)
+    assert np.array_equal(ours, G.draw_guidance(tensor_to_image(t), sparse_to_points(sp.numpy())))   # array input
+    assert (ours != tensor_to_image(t)).any(axis=2).sum() > 200                                       # it did draw
 
 
 def test_draw_guidance_colours_and_axes():
