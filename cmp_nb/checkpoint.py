@@ -4,7 +4,7 @@
 
 # %% ../nbs/05b_checkpoint.ipynb #c003
 from __future__ import annotations
-import os, random, re, tempfile, warnings
+import random, re, warnings
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
@@ -12,8 +12,10 @@ import torch
 from .core import atomic_write, is_temp_name
 
 # %% auto #0
-__all__ = ['REQUIRED_KEYS', 'atomic_save', 'rng_state', 'set_rng_state', 'seed_everything', 'sample_seed',
-           'ResumableBatchSampler', 'seeded', 'SeededSamples', 'load_torch_file', 'load_checkpoint', 'Checkpoints']
+__all__ = ['TRAIN_FORMAT', 'WEIGHTS_FORMAT', 'ENCODER_FORMAT', 'LEGACY_FORMAT', 'AUTHORS_FORMAT', 'STATE_DICT_FORMAT', 'FORMATS',
+           'REQUIRED_KEYS', 'CHECKPOINT_FORMATS', 'atomic_save', 'rng_state', 'set_rng_state', 'seed_everything',
+           'sample_seed', 'ResumableBatchSampler', 'seeded', 'SeededSamples', 'load_torch_file', 'file_format',
+           'read_checkpoint', 'load_checkpoint', 'Checkpoints']
 
 # %% ../nbs/05b_checkpoint.ipynb #c005
 def atomic_save(obj, path) -> Path:
@@ -24,8 +26,8 @@ def atomic_save(obj, path) -> Path:
 def rng_state() -> dict:
     "The state of every global RNG, in a form `torch.load(weights_only=True)` accepts."
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    s = {'python': random.getstate(), 'numpy': (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-         'torch': torch.get_rng_state()}
+    s = {'python': random.getstate(), 'torch': torch.get_rng_state(),
+         'numpy': (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
     if torch.cuda.is_available(): s['cuda'] = torch.cuda.get_rng_state_all()
     mps = getattr(torch, 'mps', None)
     if mps is not None and torch.backends.mps.is_available(): s['mps'] = torch.mps.get_rng_state()
@@ -51,13 +53,15 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
     "A well-mixed 32-bit seed for one sample, from (run seed, epoch, position in the epoch)."
     return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
 
+# %% ../nbs/05b_checkpoint.ipynb #c011b
 class ResumableBatchSampler:
-    "Batches of `(index, sample_seed, epoch)` for iterations `start_iter .. total_iters-1`; a pure function of the iteration."
+    "Batches of `(index, sample_seed, epoch)` for iterations `start_iter..total_iters-1`, pure in `it`."
     def __init__(self, n: int, batch_size: int, total_iters: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, start_iter: int = 0, shuffle: bool = True):
         self.global_batch = batch_size * world_size
         if n < self.global_batch:
-            raise ValueError(f'dataset has {n} samples, fewer than one global batch ({batch_size} x {world_size} processes)')
+            raise ValueError(f'dataset has {n} samples, fewer than one global batch '
+                             f'({batch_size} x {world_size} processes)')
         if not 0 <= rank < world_size: raise ValueError(f'rank {rank} not in [0, {world_size})')
         self.n, self.batch_size, self.total_iters, self.seed = n, batch_size, total_iters, seed
         self.rank, self.world_size, self.start_iter, self.shuffle = rank, world_size, start_iter, shuffle
@@ -67,7 +71,8 @@ class ResumableBatchSampler:
     def permutation(self, epoch: int) -> torch.Tensor:
         if self._perm[0] != epoch:
             g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1 % 2**32))
-            self._perm = (epoch, torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n))
+            perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+            self._perm = (epoch, perm)
         return self._perm[1]
 
     def batch(self, it: int) -> list[tuple[int, int, int]]:
@@ -92,35 +97,90 @@ def seeded(seed: int):
     finally:
         random.setstate(py); np.random.set_state(npy); torch.set_rng_state(tc)
 
+# %% ../nbs/05b_checkpoint.ipynb #c014b
 class SeededSamples(torch.utils.data.Dataset):
-    "`ds[(index, seed[, epoch])]` = `dataset[index]` under `seeded(seed)` (after `set_epoch(epoch)`); `ds[index]` passes through."
+    "`ds[(index, seed[, epoch])]` = `dataset[index]` under `seeded(seed)` (after `set_epoch(epoch)`)."
     def __init__(self, dataset): self.dataset = dataset
     def __len__(self): return len(self.dataset)
     def __getitem__(self, key):
+        "`ds[index]` passes through; `ds[(index, seed[, epoch])]` runs seeded."
         if not isinstance(key, (tuple, list)): return self.dataset[key]
         i, s = key[0], key[1]
         if len(key) > 2 and hasattr(self.dataset, 'set_epoch'): self.dataset.set_epoch(key[2])
         with seeded(s): return self.dataset[i]
 
 # %% ../nbs/05b_checkpoint.ipynb #c017
-REQUIRED_KEYS = ('model', 'iteration')
-_NAME = re.compile(r'^ckpt_(\d+)\.pt$')
-
 def load_torch_file(path, map_location='cpu', what: str = 'checkpoint'):
-    "`torch.load(path, weights_only=True)`; FileNotFoundError or ValueError naming the file if it is missing, empty or corrupt."
+    "`torch.load(path, weights_only=True)`; an error naming the file if it is missing, empty or corrupt."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f'{what} not found: {path}')
-    if path.stat().st_size == 0: raise ValueError(f'{what} {path} is empty (0 bytes); was its download or copy interrupted?')
+    if path.stat().st_size == 0:
+        raise ValueError(f'{what} {path} is empty (0 bytes); was its download or copy interrupted?')
     try: return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e: raise ValueError(f'{what} {path} is corrupt or unreadable: {type(e).__name__}: {e}') from e
+    except Exception as e:
+        raise ValueError(f'{what} {path} is corrupt or not a readable PyTorch file: '
+                         f'{type(e).__name__}: {e}') from e
 
-def load_checkpoint(path, map_location='cpu') -> dict:
-    "Load and sanity-check a training checkpoint; ValueError naming the file if it is not one."
+# %% ../nbs/05b_checkpoint.ipynb #c017f
+TRAIN_FORMAT = 'cmp_nb.train/1'        # cmp_train's resumable checkpoint (run_dir/checkpoints/ckpt_*.pt)
+WEIGHTS_FORMAT = 'cmp_nb.weights/1'    # a model for inference (cmp_train's run_dir/model.pt)
+ENCODER_FORMAT = 'cmp_nb.encoder/1'    # an image encoder alone (cmp_export_encoder)
+LEGACY_FORMAT = 'cmp_nb.legacy'        # cmp_nb weights from before `format`: no format key; preset and model
+AUTHORS_FORMAT = 'authors.release'     # the CMP authors' released checkpoints
+STATE_DICT_FORMAT = 'state_dict'       # a bare state dict
+
+FORMATS = {
+    TRAIN_FORMAT: "cmp_train's resumable checkpoint: model, optimizer, scheduler, scaler, RNGs, data, config",
+    WEIGHTS_FORMAT: 'a model for inference: preset, model_kwargs, model (its state dict), iteration, config',
+    ENCODER_FORMAT: 'an image encoder alone: preset, arch, stride, out_dim, image_encoder, mean, std',
+    LEGACY_FORMAT: "cmp_nb weights written before files declared a format: no 'format' key; "
+                   'preset, model [, model_kwargs, iteration, config]',
+    AUTHORS_FORMAT: "the CMP authors' released checkpoint: {'step', 'state_dict': {'module.<name>': ...}}",
+    STATE_DICT_FORMAT: "a bare state dict: parameter names (with or without 'module.') to tensors",
+}
+
+# %% ../nbs/05b_checkpoint.ipynb #c017g
+def file_format(obj, source: str = 'file') -> str:
+    "The format of a loaded file: the one it declares, else the undeclared format its structure documents."
+    if not isinstance(obj, dict):
+        raise ValueError(f'{source} holds a {type(obj).__name__}, not a dict: no format cmp_nb reads')
+    if 'format' in obj:
+        fmt = obj['format']
+        if not isinstance(fmt, str) or fmt not in FORMATS:
+            raise ValueError(f'{source} declares format {fmt!r}, which this version of cmp_nb does not read; '
+                             f'it reads {", ".join(FORMATS)}')
+        return fmt
+    if 'preset' in obj and 'model' in obj: return LEGACY_FORMAT
+    if isinstance(obj.get('state_dict'), dict): return AUTHORS_FORMAT
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()): return STATE_DICT_FORMAT
+    raise ValueError(f'{source} declares no format and has the structure of none of the undeclared ones '
+                     f'({LEGACY_FORMAT}, {AUTHORS_FORMAT}, {STATE_DICT_FORMAT}); '
+                     f'its keys: {sorted(map(str, obj))[:8]}')
+
+# %% ../nbs/05b_checkpoint.ipynb #c017h
+def read_checkpoint(path, formats=None, what: str = 'checkpoint', map_location='cpu') -> tuple:
+    "(contents, format) of a file; ValueError naming it if its format is unknown or not one of `formats`."
+    obj = load_torch_file(path, map_location, what)
+    fmt = file_format(obj, f'{what} {path}')
+    if formats is not None and fmt not in formats:
+        raise ValueError(f'{what} {path} is a {fmt} file ({FORMATS[fmt]}); expected {" or ".join(formats)}')
+    return obj, fmt
+
+# %% ../nbs/05b_checkpoint.ipynb #c017l
+REQUIRED_KEYS = ('model', 'iteration')
+CHECKPOINT_FORMATS = (TRAIN_FORMAT, WEIGHTS_FORMAT, LEGACY_FORMAT)   # formats with weights + iteration
+
+def load_checkpoint(path, map_location='cpu', formats=CHECKPOINT_FORMATS) -> dict:
+    "Load and sanity-check a checkpoint in one of `formats`; ValueError naming the file if it is not one."
     path = Path(path)
-    ck = load_torch_file(path, map_location)
-    if not isinstance(ck, dict) or any(k not in ck for k in REQUIRED_KEYS):
-        raise ValueError(f'checkpoint {path} lacks the keys {REQUIRED_KEYS}; is it a cmp_train checkpoint?')
+    ck, fmt = read_checkpoint(path, formats, 'checkpoint', map_location)
+    missing = [k for k in REQUIRED_KEYS if k not in ck]
+    if missing:
+        raise ValueError(f'checkpoint {path} ({fmt}) lacks the keys {missing}; is it a cmp_train checkpoint?')
     return ck
+
+# %% ../nbs/05b_checkpoint.ipynb #c017m2
+_NAME = re.compile(r'^ckpt_(\d+)\.pt$')
 
 class Checkpoints:
     "The checkpoints of one run directory: atomic save, keep the newest `keep`, newest valid on resume."

@@ -9,14 +9,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['check_bins', 'bin_centers', 'flow_to_bins', 'logits_to_flow', 'logits_to_flow_argmax', 'resize_target',
-           'DiscreteFlowLoss']
+__all__ = ['check_bins', 'bin_centers', 'flow_to_bins', 'logits_to_flow', 'logits_to_flow_argmax', 'logits_to_dense_flow',
+           'resize_target', 'DiscreteFlowLoss']
 
 # %% ../nbs/03_losses.ipynb #9c7e78c3
 def check_bins(nbins: int, fmax: float) -> None:
     "ValueError unless `nbins` is a positive odd integer and `fmax` positive."
     if isinstance(nbins, bool) or int(nbins) != nbins or nbins < 1 or nbins % 2 == 0:
-        raise ValueError(f'nbins must be a positive odd integer (zero motion is then a bin centre), got {nbins}')
+        raise ValueError(f'nbins must be a positive odd integer (zero motion is then a bin centre), '
+                         f'got {nbins}')
     if not fmax > 0: raise ValueError(f'fmax must be positive, got {fmax}')
 
 def bin_centers(nbins: int = 99, fmax: float = 50., device=None, dtype=torch.float32) -> torch.Tensor:
@@ -25,8 +26,9 @@ def bin_centers(nbins: int = 99, fmax: float = 50., device=None, dtype=torch.flo
     step = 2 * fmax / nbins
     return torch.arange(nbins, device=device, dtype=dtype) * step - fmax + step / 2
 
+# %% ../nbs/03_losses.ipynb #9c7e78c4
 def flow_to_bins(flow: torch.Tensor, nbins: int = 99, fmax: float = 50.) -> torch.Tensor:
-    "Bin index (int64, same shape) of every flow value; values beyond +-fmax fall in the end bins; NaN/inf refused."
+    "Bin index (int64, same shape) of every flow value; beyond +-fmax the end bins; NaN/inf refused."
     check_bins(nbins, fmax)
     finite = torch.isfinite(flow)
     if not bool(finite.all()):
@@ -49,48 +51,63 @@ def logits_to_flow(logits: torch.Tensor, nbins: int = 99, fmax: float = 50.) -> 
     c = bin_centers(nbins, fmax, logits.device, logits.dtype).view(1, -1, 1, 1)
     return torch.cat([(part.softmax(1) * c).sum(1, keepdim=True) for part in _split_logits(logits, nbins)], 1)
 
+# %% ../nbs/03_losses.ipynb #01e1df0e
 def logits_to_flow_argmax(logits: torch.Tensor, nbins: int = 99, fmax: float = 50.) -> torch.Tensor:
     "Flow (B,2,h,w): centre of the most likely bin, for u then v."
     c = bin_centers(nbins, fmax, logits.device, logits.dtype)
     return torch.stack([c[part.argmax(1)] for part in _split_logits(logits, nbins)], 1)
 
+# %% ../nbs/03_losses.ipynb #5e1d0f02
+def logits_to_dense_flow(logits: torch.Tensor, nbins: int = 99, fmax: float = 50., size=None,
+                         argmax: bool = False) -> torch.Tensor:
+    "Flow (B,2,*size): decoded (softmax mean or `argmax`), upsampled bilinearly (align_corners), not rescaled."
+    flow = (logits_to_flow_argmax if argmax else logits_to_flow)(logits, nbins, fmax)
+    if size is None or tuple(flow.shape[-2:]) == tuple(size): return flow
+    return F.interpolate(flow, size=tuple(size), mode='bilinear', align_corners=True)
+
 # %% ../nbs/03_losses.ipynb #b13bb846
 def resize_target(flow: torch.Tensor, size, valid: torch.Tensor | None = None, mode: str = 'area'):
-    "Flow (B,2,H,W) [and valid (B,H,W)] on the logits grid `size`; vectors NOT scaled (they stay in input pixels)."
-    if tuple(flow.shape[-2:]) == tuple(size): return flow, valid
+    "Flow (B,2,H,W) [and valid (B,H,W)] on the logits grid `size`; vectors NOT scaled (still input pixels)."
+    size = tuple(size)
+    if tuple(flow.shape[-2:]) == size: return flow, valid
     if mode == 'nearest':
-        f = F.interpolate(flow, size=tuple(size), mode='nearest')
-        v = None if valid is None else F.interpolate(valid[:, None].float(), size=tuple(size), mode='nearest')[:, 0] > 0.5
+        f = F.interpolate(flow, size=size, mode='nearest')
+        v = None if valid is None else F.interpolate(valid[:, None].float(), size=size)[:, 0] > 0.5
         return f, v
     if mode != 'area': raise ValueError(f"mode must be 'area' or 'nearest', got {mode!r}")
-    if valid is None: return F.interpolate(flow, size=tuple(size), mode='area'), None
+    if valid is None: return F.interpolate(flow, size=size, mode='area'), None
     w = valid[:, None].to(flow.dtype)
-    frac = F.interpolate(w, size=tuple(size), mode='area')          # fraction of valid pixels per cell
-    f = F.interpolate(torch.where(valid[:, None], flow, 0), size=tuple(size), mode='area') / frac.clamp_min(1e-6)
+    frac = F.interpolate(w, size=size, mode='area')          # fraction of valid pixels per cell
+    f = F.interpolate(torch.where(valid[:, None], flow, 0), size=size, mode='area') / frac.clamp_min(1e-6)
     return f, frac[:, 0] >= 0.5
 
 # %% ../nbs/03_losses.ipynb #57172389
 class DiscreteFlowLoss(nn.Module):
-    "Cross-entropy over the u bins + cross-entropy over the v bins (equal weights), averaged over valid cells."
+    "Cross-entropy over the u bins + cross-entropy over the v bins (equal weights), mean over valid cells."
     def __init__(self, nbins: int = 99, fmax: float = 50., resize: str = 'area'):
         super().__init__()
         check_bins(nbins, fmax)
-        if resize not in ('area', 'nearest'): raise ValueError(f"resize must be 'area' or 'nearest', got {resize!r}")
+        if resize not in ('area', 'nearest'):
+            raise ValueError(f"resize must be 'area' or 'nearest', got {resize!r}")
         self.nbins, self.fmax, self.resize = int(nbins), float(fmax), resize
 
-    def forward(self, logits: torch.Tensor, flow: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, flow: torch.Tensor, valid: torch.Tensor | None = None):
+        "The loss (a scalar) of `logits` (B,2*nbins,h,w) against `flow` (B,2,H,W), over `valid` (B,H,W) pixels."
         lu, lv = _split_logits(logits, self.nbins)
         B, _, h, w = logits.shape
         if not isinstance(flow, torch.Tensor) or flow.ndim != 4 or flow.shape[:2] != (B, 2):
-            raise ValueError(f'flow target must be (B={B}, 2, H, W), got {tuple(getattr(flow, "shape", ()))}')
+            shape = tuple(getattr(flow, 'shape', ()))
+            raise ValueError(f'flow target must be (B={B}, 2, H, W), got {shape}')
         if valid is not None:
             if valid.ndim == 4 and valid.shape[1] == 1: valid = valid[:, 0]
             if valid.shape != (B, *flow.shape[-2:]):
-                raise ValueError(f'valid must be (B, H, W) = {(B, *flow.shape[-2:])}, got {tuple(valid.shape)}')
+                raise ValueError(f'valid must be (B, H, W) = {(B, *flow.shape[-2:])}, '
+                                 f'got {tuple(valid.shape)}')
             valid = valid.bool()
-            flow = torch.where(valid[:, None], flow, 0)              # invalid pixels may hold anything, NaN included
+            flow = torch.where(valid[:, None], flow, 0)        # invalid pixels may hold anything, NaN included
         flow, valid = resize_target(flow.to(logits.dtype), (h, w), valid, self.resize)
         bins = flow_to_bins(flow, self.nbins, self.fmax)
-        ce = F.cross_entropy(lu, bins[:, 0], reduction='none') + F.cross_entropy(lv, bins[:, 1], reduction='none')
+        ce = (F.cross_entropy(lu, bins[:, 0], reduction='none') +
+              F.cross_entropy(lv, bins[:, 1], reduction='none'))
         if valid is None: return ce.mean()
         return (ce * valid).sum() / valid.sum().clamp_min(1)

@@ -4,27 +4,29 @@
 
 # %% ../nbs/02_model.ipynb #4091bcad
 from __future__ import annotations
-import re
-from pathlib import Path
+import inspect, re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import resnet18, resnet50
+from .checkpoint import read_checkpoint, TRAIN_FORMAT, WEIGHTS_FORMAT, LEGACY_FORMAT
+from .checkpoint import AUTHORS_FORMAT, STATE_DICT_FORMAT
 
 # %% auto #0
-__all__ = ['PRESETS', 'OPTIONS', 'conv_bn_relu', 'dilate_stage', 'ResNetEncoder', 'AlexNetEncoder', 'SparseEncoder', 'conv_part',
-           'upsample', 'PropagationNets', 'PlainDecoder', 'SkipDecoder', 'CMP', 'build_model', 'infer_preset',
-           'load_official_checkpoint']
+__all__ = ['PRESETS', 'MODEL_FORMATS', 'conv_bn_relu', 'dilate_stage', 'ResNetEncoder', 'AlexNetEncoder', 'SparseEncoder',
+           'conv_part', 'upsample', 'PropagationNets', 'PlainDecoder', 'SkipDecoder', 'CMP', 'cmp_resnet50_skip',
+           'cmp_resnet50', 'cmp_alexnet', 'cmp_small', 'cmp_small_skip', 'preset_defaults', 'build_model',
+           'infer_preset', 'load_weights', 'load_model_file', 'load_official_checkpoint']
 
 # %% ../nbs/02_model.ipynb #ef0faca6
-def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1, padding: int | None = None) -> list[nn.Module]:
+def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1, padding: int | None = None) -> list:
     "`[Conv2d (with bias, as released), BatchNorm2d, ReLU]`, to splice into an `nn.Sequential`."
     p = k // 2 if padding is None else padding
     return [nn.Conv2d(cin, cout, k, stride=stride, padding=p), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 # %% ../nbs/02_model.ipynb #4f6b54d6
 def dilate_stage(layer: nn.Sequential, dilation: int) -> nn.Sequential:
-    "In place: every 3x3 conv of every block gets stride 1 and dilation = padding = `dilation`; downsample convs stride 1."
+    "In place: every 3x3 conv gets stride 1, dilation = padding = `dilation`; the downsample convs stride 1."
     for block in layer:
         for conv in block.modules():
             if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
@@ -43,7 +45,8 @@ class ResNetEncoder(nn.Module):
     stride = 8
     def __init__(self, arch: str = 'resnet50', out_dim: int = 256, n_stages: int = 4):
         super().__init__()
-        if arch not in ('resnet50', 'resnet18'): raise ValueError(f"arch must be 'resnet50' or 'resnet18', got {arch!r}")
+        if arch not in ('resnet50', 'resnet18'):
+            raise ValueError(f"arch must be 'resnet50' or 'resnet18', got {arch!r}")
         if n_stages not in (2, 3, 4): raise ValueError(f'n_stages must be 2, 3 or 4, got {n_stages}')
         net = (resnet50 if arch == 'resnet50' else resnet18)(weights=None)  # fc and avgpool are not kept
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
@@ -64,7 +67,7 @@ class ResNetEncoder(nn.Module):
 
 # %% ../nbs/02_model.ipynb #12060faf
 class AlexNetEncoder(nn.Module):
-    "Fully convolutional AlexNet with BatchNorm, output stride 32, then 1x1 `conv8` (with bias) to `out_dim` channels."
+    "Fully convolutional AlexNet with BatchNorm, output stride 32, then 1x1 `conv8` (with bias) to `out_dim`."
     stride = 32
     def __init__(self, out_dim: int = 256):
         super().__init__()
@@ -81,7 +84,8 @@ class AlexNetEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict:
         "`{'features': (B,out_dim,H/32,W/32)}` (no skip features: AlexNet has no skip decoder)."
-        for name in ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'conv8'): x = getattr(self, name)(x)
+        for name in ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'conv8'):
+            x = getattr(self, name)(x)
         return {'features': x}
 
 # %% ../nbs/02_model.ipynb #016b2776
@@ -89,7 +93,8 @@ class SparseEncoder(nn.Module):
     "Sparse motion encoder: (B,4,H,W) `[u,v,mask,mask]` -> (B,out_dim,H/stride,W/stride)."
     def __init__(self, stride: int = 8, in_dim: int = 4, out_dim: int = 16):
         super().__init__()
-        if stride not in (8, 16, 32): raise ValueError(f'sparse encoder stride must be 8, 16 or 32, got {stride}')
+        if stride not in (8, 16, 32):
+            raise ValueError(f'sparse encoder stride must be 8, 16 or 32, got {stride}')
         self.stride, self.out_dim = stride, out_dim
         self.features = nn.Sequential(
             *conv_bn_relu(in_dim, 16, 5, stride=2), nn.MaxPool2d(2, 2),  # 1/4
@@ -106,8 +111,10 @@ def conv_part(conv: nn.Conv2d, x: torch.Tensor, start: int, stop: int, bias: boo
 # %% ../nbs/02_model.ipynb #b1e6b81f
 def upsample(x: torch.Tensor, size) -> torch.Tensor:
     "Bilinear, align_corners=True (as released); a no-op when `x` already has `size`."
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=tuple(size), mode='bilinear', align_corners=True)
+    if tuple(x.shape[-2:]) == tuple(size): return x
+    return F.interpolate(x, size=tuple(size), mode='bilinear', align_corners=True)
 
+# %% ../nbs/02_model.ipynb #b1e6b81g
 class PropagationNets(nn.Module):
     "`decoder{s}` for s in `combo`: [MaxPool(s) if s>1] + `n_convs` x Conv3x3-BN-ReLU (`width` channels)."
     def __init__(self, image_dim=256, sparse_dim=16, combo=(1, 2, 4), width=128, n_convs=2):
@@ -115,7 +122,7 @@ class PropagationNets(nn.Module):
         self.image_dim, self.sparse_dim, self.combo, self.width = image_dim, sparse_dim, tuple(combo), width
         for s in self.combo:
             layers = [nn.MaxPool2d(s, s)] if s > 1 else []
-            for i in range(n_convs): layers += conv_bn_relu(image_dim + sparse_dim if i == 0 else width, width)
+            for i in range(n_convs): layers += conv_bn_relu(width if i else image_dim + sparse_dim, width)
             setattr(self, f'decoder{s}', nn.Sequential(*layers))
 
     def _net(self, s):
@@ -133,7 +140,8 @@ class PropagationNets(nn.Module):
         out = {}
         for s in self.combo:
             pool, conv, _ = self._net(s)
-            out[f'dec{s}'] = conv_part(conv, image if pool is None else pool(image), 0, self.image_dim, bias=True)
+            x = image if pool is None else pool(image)
+            out[f'dec{s}'] = conv_part(conv, x, 0, self.image_dim, bias=True)
         return out
 
     def propagate_branches(self, pre: dict, sparse: torch.Tensor) -> torch.Tensor:
@@ -142,16 +150,19 @@ class PropagationNets(nn.Module):
         for s in self.combo:
             pool, conv, rest = self._net(s)
             x = sparse if pool is None else pool(sparse)
-            y = pre[f'dec{s}'] + conv_part(conv, x, self.image_dim, self.image_dim + self.sparse_dim, bias=False)
+            i = self.image_dim
+            y = pre[f'dec{s}'] + conv_part(conv, x, i, i + self.sparse_dim, bias=False)
             outs.append(upsample(rest(y), sparse.shape[-2:]))
         return torch.cat(outs, 1)
 
 # %% ../nbs/02_model.ipynb #05a5614f
 class PlainDecoder(PropagationNets):
-    "Propagation nets + 1x1 `head` to `out_dim` logits, at the encoder's stride."
-    def __init__(self, image_dim=256, sparse_dim=16, out_dim=198, combo=(1, 2, 4), width=128, n_convs=2):
+    "Propagation nets + 1x1 `head` to `out_dim` logits, on the grid of its input: `out_stride` = `in_stride`."
+    def __init__(self, image_dim=256, sparse_dim=16, out_dim=198, combo=(1, 2, 4), width=128, n_convs=2,
+                 in_stride: int = 8):
         super().__init__(image_dim, sparse_dim, combo, width, n_convs)
         self.head = nn.Conv2d(width * len(self.combo), out_dim, 1)
+        self.in_stride = self.out_stride = in_stride
 
     def forward(self, x: torch.Tensor, skips: dict | None = None) -> torch.Tensor:
         "Textbook decoder on `x` = cat[image features, sparse features]."
@@ -164,18 +175,20 @@ class PlainDecoder(PropagationNets):
 # %% ../nbs/02_model.ipynb #41610fe7
 class SkipDecoder(PropagationNets):
     "The released demo decoder: propagation nets, `fusion8`, then fusions with encoder skips at 1/4 and 1/2."
+    in_stride = 8    # image features at 1/8 (`fusion8`) ...
+    out_stride = 2   # ... logits on the grid of `skip2`, the stem output at 1/2
     def __init__(self, image_dim=256, sparse_dim=16, out_dim=198, combo=(1, 2, 4, 8), width=128, n_convs=3,
                  skip_dims=(64, 256)):
         super().__init__(image_dim, sparse_dim, combo, width, n_convs)
         self.fusion8 = nn.Sequential(*conv_bn_relu(width * len(self.combo), 256))
         self.skipconv4 = nn.Sequential(*conv_bn_relu(skip_dims[1], 128))
-        self.fusion4 = nn.Sequential(*conv_bn_relu(256 + 128, 128))   # input cat[upsampled fusion8, skipconv4]
+        self.fusion4 = nn.Sequential(*conv_bn_relu(256 + 128, 128))  # input cat[upsampled fusion8, skipconv4]
         self.skipconv2 = nn.Sequential(*conv_bn_relu(skip_dims[0], 32))
-        self.fusion2 = nn.Sequential(*conv_bn_relu(128 + 32, 64))     # input cat[upsampled fusion4, skipconv2]
+        self.fusion2 = nn.Sequential(*conv_bn_relu(128 + 32, 64))    # input cat[upsampled fusion4, skipconv2]
         self.head = nn.Conv2d(64, out_dim, 1)
 
     def forward(self, x: torch.Tensor, skips: dict) -> torch.Tensor:
-        "Textbook decoder on `x` = cat[image, sparse features]; `skips` holds the encoder's 'skip4' and 'skip2'."
+        "Textbook decoder on `x` = cat[image, sparse features]; `skips` holds the encoder's 'skip4', 'skip2'."
         y = upsample(self.fusion8(self.branches(x)), skips['skip4'].shape[-2:])
         y = self.fusion4(torch.cat([y, self.skipconv4(skips['skip4'])], 1))
         y = upsample(y, skips['skip2'].shape[-2:])
@@ -199,8 +212,10 @@ class SkipDecoder(PropagationNets):
 # %% ../nbs/02_model.ipynb #640bdad8
 def _check_tensor(t, name: str, channels: int, layout: str) -> None:
     "Raise a clear TypeError/ValueError unless `t` is a float tensor shaped `layout`."
-    if not isinstance(t, torch.Tensor): raise TypeError(f'{name} must be a torch.Tensor {layout}, got {type(t).__name__}')
-    if t.ndim != 4 or t.shape[1] != channels: raise ValueError(f'{name} must have shape {layout}, got {tuple(t.shape)}')
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f'{name} must be a torch.Tensor {layout}, got {type(t).__name__}')
+    if t.ndim != 4 or t.shape[1] != channels:
+        raise ValueError(f'{name} must have shape {layout}, got {tuple(t.shape)}')
     if not t.is_floating_point(): raise TypeError(f'{name} must be a float tensor, got {t.dtype}')
 
 def _check_pair(image, sparse) -> None:
@@ -208,52 +223,63 @@ def _check_pair(image, sparse) -> None:
     _check_tensor(image, 'image', 3, '(B,3,H,W)')
     _check_tensor(sparse, 'sparse', 4, '(B,4,H,W) [u,v,mask,mask]')
     if image.shape[-2:] != sparse.shape[-2:]:
-        raise ValueError(f'image is {tuple(image.shape[-2:])} but sparse is {tuple(sparse.shape[-2:])}; they must match')
+        raise ValueError(f'image is {tuple(image.shape[-2:])} but sparse is {tuple(sparse.shape[-2:])}; '
+                         'they must match')
     if image.shape[0] not in (1, sparse.shape[0]):
         raise ValueError(f'image batch {image.shape[0]} does not fit sparse batch {sparse.shape[0]}')
 
 # %% ../nbs/02_model.ipynb #1eccd2e8
 class CMP(nn.Module):
-    "Conditional Motion Propagation: image + sparse motion -> logits (B, 2*nbins, H/stride, W/stride)."
+    "Conditional Motion Propagation: image + sparse motion -> logits (B,2*nbins,H/s,W/s), s = `logits_stride`."
     def __init__(self, image_encoder: nn.Module, flow_encoder: SparseEncoder, flow_decoder: nn.Module,
                  nbins: int = 99, fmax: float = 50.):
         super().__init__()
-        if flow_encoder.stride != image_encoder.stride:
-            raise ValueError(f'sparse encoder stride {flow_encoder.stride} != image encoder stride {image_encoder.stride}')
+        s = image_encoder.stride
+        if flow_encoder.stride != s:
+            raise ValueError(f'sparse encoder stride {flow_encoder.stride} != image encoder stride {s}')
+        if flow_decoder.in_stride != s:
+            raise ValueError(f'{type(flow_decoder).__name__} takes features at stride '
+                             f'{flow_decoder.in_stride}, but the image encoder gives stride {s}')
         self.image_encoder, self.flow_encoder, self.flow_decoder = image_encoder, flow_encoder, flow_decoder
         self.nbins, self.fmax = nbins, fmax
-        self.input_multiple = image_encoder.stride        # H and W must be multiples of this
-        self.min_size = image_encoder.stride * max(flow_decoder.combo)  # ... and at least this
-        self.stride = 2 if isinstance(flow_decoder, SkipDecoder) else image_encoder.stride  # logits vs input
-        self.preset, self.overrides = None, {}
+        self.input_multiple = s                        # H and W must be multiples of this
+        self.min_size = s * max(flow_decoder.combo)    # ... and at least this
+        self.preset = None                             # the preset builders name the model
+
+    @property
+    def logits_stride(self) -> int:
+        "Input pixels per logits pixel, as the decoder declares it (`out_stride`)."
+        return self.flow_decoder.out_stride
 
     def _check_size(self, t: torch.Tensor, name: str) -> None:
         H, W = t.shape[-2:]
         m, lo = self.input_multiple, self.min_size
         if H % m or W % m or H < lo or W < lo:
+            fit = f'{max(lo, -(-H // m) * m)}x{max(lo, -(-W // m) * m)}'
             raise ValueError(f'{name} is {H}x{W}; H and W must be multiples of {m} and at least {lo} '
-                             f'(pad or resize the input, e.g. to {max(lo, -(-H // m) * m)}x{max(lo, -(-W // m) * m)})')
+                             f'(pad or resize the input, e.g. to {fit})')
 
     def _dtype(self) -> torch.dtype: return next(self.parameters()).dtype
 
     def encode(self, image: torch.Tensor) -> dict:
-        "Everything that depends on the image alone: `{'image': features, 'dec{s}': ..., ['fuse4', 'fuse2']}`."
+        "All that depends on the image alone: `{'image': features, 'dec{s}': ..., ['fuse4', 'fuse2']}`."
         _check_tensor(image, 'image', 3, '(B,3,H,W)')
         self._check_size(image, 'image')
         enc = self.image_encoder(image.to(self._dtype()))
         return {'image': enc['features'], **self.flow_decoder.precompute(enc)}
 
     def propagate(self, features: dict, sparse: torch.Tensor) -> torch.Tensor:
-        "Logits from cached `features` and sparse motion (B,4,H,W); a features batch of 1 serves any sparse batch."
+        "Logits from cached `features` and sparse motion (B,4,H,W); features of batch 1 serve any batch."
         if not isinstance(features, dict) or 'image' not in features:
-            raise TypeError(f'features must be the dict returned by encode(image), got {type(features).__name__}')
+            raise TypeError(f'features must be the dict encode(image) returns, got {type(features).__name__}')
         _check_tensor(sparse, 'sparse', 4, '(B,4,H,W) [u,v,mask,mask]')
         h, w = features['image'].shape[-2:]
         size = (h * self.input_multiple, w * self.input_multiple)
         if tuple(sparse.shape[-2:]) != size:
-            raise ValueError(f'sparse is {tuple(sparse.shape[-2:])} but the features come from a {size} image')
+            raise ValueError(f'sparse is {tuple(sparse.shape[-2:])} but the features are of a {size} image')
         fb, sb = features['image'].shape[0], sparse.shape[0]
-        if fb not in (1, sb): raise ValueError(f'features batch {fb} does not fit sparse batch {sb} (equal, or features batch 1)')
+        if fb not in (1, sb):
+            raise ValueError(f'features batch {fb} does not fit sparse batch {sb} (equal, or features 1)')
         return self.flow_decoder.propagate(features, self.flow_encoder(sparse.to(self._dtype())))
 
     def forward(self, image: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
@@ -272,88 +298,151 @@ class CMP(nn.Module):
         return self.flow_decoder(x, skips)
 
 # %% ../nbs/02_model.ipynb #1e850c2c
-PRESETS = {
-    'resnet50-skip-official': dict(image_encoder='resnet50', decoder='skip'),  # released demo / annotation model
-    'resnet50-plain': dict(image_encoder='resnet50', decoder='plain'),         # released representation model
-    'alexnet-plain': dict(image_encoder='alexnet', decoder='plain'),           # released AlexNet model
-    'small': dict(image_encoder='resnet18', decoder='plain'),                  # CPU training
-    'small-skip': dict(image_encoder='resnet18', decoder='skip'),              # CPU, logits at 1/2
-}
-OPTIONS = dict(image_encoder=None, decoder=None, img_enc_dim=256, sparse_enc_dim=16, combo=None,
-               width=128, n_convs=None, nbins=99, fmax=50.)
+def _logits_dim(nbins: int) -> int:
+    "`2*nbins` logits (u bins, then v bins); ValueError unless `nbins` is a positive odd integer."
+    if isinstance(nbins, bool) or int(nbins) != nbins or nbins < 1 or nbins % 2 == 0:
+        raise ValueError(f'nbins must be a positive odd integer, got {nbins}')
+    return 2 * int(nbins)
 
-def build_model(name: str, **overrides) -> CMP:
-    "A `CMP` from a named preset; `overrides` may change any key of `OPTIONS`."
-    if name not in PRESETS: raise ValueError(f'unknown preset {name!r}; presets: {", ".join(PRESETS)}')
-    bad = sorted(set(overrides) - set(OPTIONS))
-    if bad: raise ValueError(f'unknown option(s) {bad} for build_model; options: {", ".join(OPTIONS)}')
-    c = {**OPTIONS, **PRESETS[name], **overrides}
-    nbins, enc, dec = c['nbins'], c['image_encoder'], c['decoder']
-    if int(nbins) != nbins or nbins < 1 or nbins % 2 == 0: raise ValueError(f'nbins must be a positive odd integer, got {nbins}')
-    if enc == 'resnet50': image_encoder = ResNetEncoder('resnet50', c['img_enc_dim'], n_stages=4)
-    elif enc == 'resnet18': image_encoder = ResNetEncoder('resnet18', c['img_enc_dim'], n_stages=2)
-    elif enc == 'alexnet': image_encoder = AlexNetEncoder(c['img_enc_dim'])
-    else: raise ValueError(f"image_encoder must be 'resnet50', 'resnet18' or 'alexnet', got {enc!r}")
-    kw = dict(image_dim=c['img_enc_dim'], sparse_dim=c['sparse_enc_dim'], out_dim=2 * int(nbins), width=c['width'])
-    if dec == 'plain':
-        decoder = PlainDecoder(combo=c['combo'] or (1, 2, 4), n_convs=c['n_convs'] or 2, **kw)
-    elif dec == 'skip':
-        if image_encoder.skip_dims is None: raise ValueError(f'the skip decoder needs a ResNet image encoder, not {enc!r}')
-        decoder = SkipDecoder(combo=c['combo'] or (1, 2, 4, 8), n_convs=c['n_convs'] or 3, skip_dims=image_encoder.skip_dims, **kw)
-    else: raise ValueError(f"decoder must be 'plain' or 'skip', got {dec!r}")
-    model = CMP(image_encoder, SparseEncoder(image_encoder.stride, 4, c['sparse_enc_dim']), decoder, int(nbins), c['fmax'])
-    model.preset, model.overrides = name, dict(overrides)
+def _assemble(preset: str, image_encoder: nn.Module, flow_decoder: nn.Module, sparse_enc_dim: int, nbins: int,
+              fmax: float) -> CMP:
+    "The `CMP` of `preset`: the parts, with a sparse encoder at the image encoder's stride."
+    sparse_encoder = SparseEncoder(image_encoder.stride, 4, sparse_enc_dim)
+    model = CMP(image_encoder, sparse_encoder, flow_decoder, int(nbins), fmax)
+    model.preset = preset
     return model
 
+# %% ../nbs/02_model.ipynb #1e850c31
+def cmp_resnet50_skip(img_enc_dim: int = 256, sparse_enc_dim: int = 16, combo: tuple = (1, 2, 4, 8),
+                      width: int = 128, n_convs: int = 3, nbins: int = 99, fmax: float = 50.) -> CMP:
+    "Preset `resnet50-skip-official`, the released demo / annotation model: ResNet-50, skip decoder."
+    out = _logits_dim(nbins)
+    enc = ResNetEncoder('resnet50', img_enc_dim, n_stages=4)
+    dec = SkipDecoder(img_enc_dim, sparse_enc_dim, out, combo, width, n_convs, skip_dims=enc.skip_dims)
+    return _assemble('resnet50-skip-official', enc, dec, sparse_enc_dim, nbins, fmax)
+
+def cmp_resnet50(img_enc_dim: int = 256, sparse_enc_dim: int = 16, combo: tuple = (1, 2, 4), width: int = 128,
+                 n_convs: int = 2, nbins: int = 99, fmax: float = 50.) -> CMP:
+    "Preset `resnet50-plain`, the released representation model: ResNet-50, plain decoder."
+    out = _logits_dim(nbins)
+    enc = ResNetEncoder('resnet50', img_enc_dim, n_stages=4)
+    dec = PlainDecoder(img_enc_dim, sparse_enc_dim, out, combo, width, n_convs, in_stride=enc.stride)
+    return _assemble('resnet50-plain', enc, dec, sparse_enc_dim, nbins, fmax)
+
+def cmp_alexnet(img_enc_dim: int = 256, sparse_enc_dim: int = 16, combo: tuple = (1, 2, 4), width: int = 128,
+                n_convs: int = 2, nbins: int = 99, fmax: float = 50.) -> CMP:
+    "Preset `alexnet-plain`, the released AlexNet model: BN AlexNet at stride 32, plain decoder."
+    out = _logits_dim(nbins)
+    enc = AlexNetEncoder(img_enc_dim)
+    dec = PlainDecoder(img_enc_dim, sparse_enc_dim, out, combo, width, n_convs, in_stride=enc.stride)
+    return _assemble('alexnet-plain', enc, dec, sparse_enc_dim, nbins, fmax)
+
+# %% ../nbs/02_model.ipynb #1e850c33
+def cmp_small(img_enc_dim: int = 256, sparse_enc_dim: int = 16, combo: tuple = (1, 2, 4), width: int = 128,
+              n_convs: int = 2, nbins: int = 99, fmax: float = 50.) -> CMP:
+    "Preset `small`, for CPU training: ResNet-18 stem + `layer1`-`layer2`, plain decoder."
+    out = _logits_dim(nbins)
+    enc = ResNetEncoder('resnet18', img_enc_dim, n_stages=2)
+    dec = PlainDecoder(img_enc_dim, sparse_enc_dim, out, combo, width, n_convs, in_stride=enc.stride)
+    return _assemble('small', enc, dec, sparse_enc_dim, nbins, fmax)
+
+def cmp_small_skip(img_enc_dim: int = 256, sparse_enc_dim: int = 16, combo: tuple = (1, 2, 4, 8),
+                   width: int = 128, n_convs: int = 3, nbins: int = 99, fmax: float = 50.) -> CMP:
+    "Preset `small-skip`: the `small` encoder with the skip decoder."
+    out = _logits_dim(nbins)
+    enc = ResNetEncoder('resnet18', img_enc_dim, n_stages=2)
+    dec = SkipDecoder(img_enc_dim, sparse_enc_dim, out, combo, width, n_convs, skip_dims=enc.skip_dims)
+    return _assemble('small-skip', enc, dec, sparse_enc_dim, nbins, fmax)
+
+# %% ../nbs/02_model.ipynb #1e850c35
+PRESETS = {'resnet50-skip-official': cmp_resnet50_skip, 'resnet50-plain': cmp_resnet50,
+           'alexnet-plain': cmp_alexnet, 'small': cmp_small, 'small-skip': cmp_small_skip}
+
+def preset_defaults(name: str) -> dict:
+    "The options of preset `name`, with the defaults its builder declares."
+    if name not in PRESETS: raise ValueError(f'unknown preset {name!r}; presets: {", ".join(PRESETS)}')
+    return {k: p.default for k, p in inspect.signature(PRESETS[name]).parameters.items()}
+
+def build_model(name: str, **options) -> CMP:
+    "The model of preset `name`: `PRESETS[name](**options)`, with clear errors for unknown names and options."
+    allowed = preset_defaults(name)
+    bad = sorted(set(options) - set(allowed))
+    if bad: raise ValueError(f'unknown option(s) {bad} for preset {name!r}; options: {", ".join(allowed)}')
+    return PRESETS[name](**options)
+
 # %% ../nbs/02_model.ipynb #930d9610
+_ARCHITECTURES = {('resnet50', 'skip'): 'resnet50-skip-official', ('resnet50', 'plain'): 'resnet50-plain',
+                  ('alexnet', 'plain'): 'alexnet-plain', ('resnet18', 'plain'): 'small',
+                  ('resnet18', 'skip'): 'small-skip'}   # (image encoder, decoder) -> preset
+
 def infer_preset(state_dict: dict, source: str = 'state dict') -> tuple[str, dict]:
-    "(preset name, overrides) that build a model with the keys of `state_dict` (no `module.` prefix)."
+    "(preset name, options that differ from its defaults) that build a model with the keys of `state_dict`."
     k = set(state_dict)
     enc = ('alexnet' if 'image_encoder.fc6.0.weight' in k else
            'resnet50' if 'image_encoder.layer1.0.conv3.weight' in k else
            'resnet18' if 'image_encoder.layer1.0.conv2.weight' in k else None)
-    dec = 'skip' if 'flow_decoder.fusion8.0.weight' in k else 'plain' if 'flow_decoder.head.weight' in k else None
-    names = {('resnet50', 'skip'): 'resnet50-skip-official', ('resnet50', 'plain'): 'resnet50-plain',
-             ('alexnet', 'plain'): 'alexnet-plain', ('resnet18', 'plain'): 'small', ('resnet18', 'skip'): 'small-skip'}
-    if (enc, dec) not in names:
-        raise ValueError(f'{source}: cannot tell the architecture from its keys (image encoder: {enc}, decoder: {dec}); '
-                         f'first keys: {sorted(k)[:5]}')
-    sd, default_combo = state_dict, ((1, 2, 4, 8) if dec == 'skip' else (1, 2, 4))
-    shape0 = lambda key, default: sd[key].shape[0] if key in sd else default  # a missing key is reported later
-    found = {'nbins': shape0('flow_decoder.head.weight', 198) // 2,
-             'img_enc_dim': shape0('image_encoder.' + ('conv8' if enc == 'alexnet' else 'conv5') + '.weight', 256),
-             'sparse_enc_dim': shape0('flow_encoder.features.4.weight', 16),
-             'combo': tuple(sorted({int(m.group(1)) for n in k if (m := re.match(r'flow_decoder\.decoder(\d+)\.', n))}))}
-    defaults = {**OPTIONS, 'combo': default_combo}
-    return names[(enc, dec)], {o: v for o, v in found.items() if v != defaults[o] and v}
+    dec = ('skip' if 'flow_decoder.fusion8.0.weight' in k else
+           'plain' if 'flow_decoder.head.weight' in k else None)
+    if (enc, dec) not in _ARCHITECTURES:
+        raise ValueError(f'{source}: cannot tell the architecture from its keys (image encoder: {enc}, '
+                         f'decoder: {dec}); first keys: {sorted(k)[:5]}')
+    name = _ARCHITECTURES[(enc, dec)]
+    defaults = preset_defaults(name)
+    def dim(key, option, per=1):   # a missing key is reported when the weights are loaded
+        return state_dict[key].shape[0] // per if key in state_dict else defaults[option]
+    nets = {int(m.group(1)) for n in k if (m := re.match(r'flow_decoder\.decoder(\d+)\.', n))}
+    found = {'nbins': dim('flow_decoder.head.weight', 'nbins', per=2),
+             'img_enc_dim': dim(f'image_encoder.{"conv8" if enc == "alexnet" else "conv5"}.weight',
+                                'img_enc_dim'),
+             'sparse_enc_dim': dim('flow_encoder.features.4.weight', 'sparse_enc_dim'),
+             'combo': tuple(sorted(nets))}
+    return name, {o: v for o, v in found.items() if v != defaults[o] and v}
 
 # %% ../nbs/02_model.ipynb #c26aeeb0
 def _listing(title: str, items: list, limit: int = 20) -> str:
     more = f' ... and {len(items) - limit} more' if len(items) > limit else ''
     return f'{title} ({len(items)}): ' + ', '.join(items[:limit]) + more
 
-def load_official_checkpoint(path, model: CMP | None = None) -> CMP:
-    "Load an authors' released checkpoint (or any CMP state dict) into `model`, or into the preset its keys imply."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f'checkpoint not found: {path}')
-    try: ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise ValueError(f'{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})') from e
-    sd = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors or {{'state_dict': ...}}, got {type(ckpt).__name__}")
-    sd = {(n[len('module.'):] if n.startswith('module.') else n): v for n, v in sd.items()}
-    built = model is None
-    if built:
-        name, overrides = infer_preset(sd, str(path))
-        model = build_model(name, **overrides)
+def load_weights(model: CMP, state_dict: dict, source: str = 'state dict') -> CMP:
+    "Copy `state_dict` into `model` (cast to its dtypes); one ValueError naming `source` for every misfit."
     own = model.state_dict()
-    missing = [n for n in own if n not in sd and not n.endswith('num_batches_tracked')]
-    unexpected = [n for n in sd if n not in own]
-    shapes = [f'{n} {tuple(v.shape)} in file vs {tuple(own[n].shape)} in model' for n, v in sd.items()
+    missing = [n for n in own if n not in state_dict and not n.endswith('num_batches_tracked')]
+    unexpected = [n for n in state_dict if n not in own]
+    shapes = [f'{n} {tuple(v.shape)} in file vs {tuple(own[n].shape)} in model' for n, v in state_dict.items()
               if n in own and v.shape != own[n].shape]
     if missing or unexpected or shapes:
         parts = [_listing(t, l) for t, l in (('missing keys', missing), ('unexpected keys', unexpected),
                                               ('shape mismatches', shapes)) if l]
-        raise ValueError(f'{path} does not fit the model (preset {model.preset}): ' + '; '.join(parts))
-    model.load_state_dict({n: v.to(own[n].dtype) for n, v in sd.items()}, strict=False)
-    return model.eval() if built else model
+        raise ValueError(f'{source} does not fit the model (preset {model.preset}): ' + '; '.join(parts))
+    model.load_state_dict({n: v.to(own[n].dtype) for n, v in state_dict.items()}, strict=False)
+    return model
+
+# %% ../nbs/02_model.ipynb #c26aeeb1
+MODEL_FORMATS = (TRAIN_FORMAT, WEIGHTS_FORMAT, LEGACY_FORMAT, AUTHORS_FORMAT, STATE_DICT_FORMAT)  # whole CMPs
+# where each of them keeps the model's state dict (None: the file is one)
+_WEIGHTS_KEY = {TRAIN_FORMAT: 'model', WEIGHTS_FORMAT: 'model', LEGACY_FORMAT: 'model',
+                AUTHORS_FORMAT: 'state_dict', STATE_DICT_FORMAT: None}
+
+def _state_dict(ck: dict, fmt: str, source: str) -> dict:
+    "The model state dict a file of format `fmt` holds, without `module.` prefixes."
+    key = _WEIGHTS_KEY[fmt]
+    sd = ck if key is None else ck.get(key)
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        where = 'the file' if key is None else repr(key)
+        raise ValueError(f'{source} ({fmt}): {where} is not a state dict of tensors ({type(sd).__name__})')
+    return {n.removeprefix('module.'): v for n, v in sd.items()}
+
+def load_model_file(path, model: CMP | None = None, formats=MODEL_FORMATS, what: str = 'model file') -> tuple:
+    "(model, file contents): a file's weights (one of `formats`) in `model`, or in the preset the file implies."
+    ck, fmt = read_checkpoint(path, formats, what)
+    source = f'{what} {path}'
+    sd = _state_dict(ck, fmt, source)
+    if model is not None: return load_weights(model, sd, source), ck
+    if fmt in (AUTHORS_FORMAT, STATE_DICT_FORMAT): name, options = infer_preset(sd, source)  # the keys say
+    elif not isinstance(ck.get('preset'), str): raise ValueError(f'{source} ({fmt}) names no preset')
+    else: name, options = ck['preset'], dict(ck.get('model_kwargs') or {})                   # the file says
+    return load_weights(build_model(name, **options), sd, source).eval(), ck
+
+def load_official_checkpoint(path, model: CMP | None = None) -> CMP:
+    "An authors' released checkpoint (or a bare state dict) in `model`, or in the preset its keys imply."
+    return load_model_file(path, model, (AUTHORS_FORMAT, STATE_DICT_FORMAT), what='checkpoint')[0]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .core import pick_device
 from .flow import load_image, image_to_tensor, flow_to_color, color_wheel
 from .guidance import points_to_sparse, as_points, draw_guidance   # also cmp_nb.propagator's names
-from .losses import logits_to_flow, logits_to_flow_argmax
+from .losses import logits_to_dense_flow
 
 # %% auto #0
 __all__ = ['DEFAULT_MAX_SIDE', 'model_size', 'Propagator', 'show_prediction', 'load_model', 'load_propagator']
@@ -82,13 +82,13 @@ class Propagator:
         return points_to_sparse(q, self.in_size)[None].to(self.device)
 
     def _decode(self, logits: torch.Tensor) -> np.ndarray:
-        dec = logits_to_flow if self.decode == 'softmax' else logits_to_flow_argmax
-        flow = dec(logits.float(), self.nbins, self.fmax)   # (N,2,h',w') in model-input pixels
         H, W = self.image.shape[:2]
         h, w = self.content_size
-        flow = flow[..., :h, :w]                           # the padding (long, narrow images) is not the image
-        flow = F.interpolate(flow, size=(H, W), mode='bilinear', align_corners=True)
-        flow = flow * torch.tensor([W / w, H / h], device=flow.device).view(1, 2, 1, 1)
+        s = self.model.logits_stride
+        logits = logits[..., :-(-h // s), :-(-w // s)]       # the padding (long, narrow images) is not the image
+        argmax = self.decode == 'argmax'
+        flow = logits_to_dense_flow(logits.float(), self.nbins, self.fmax, (H, W), argmax=argmax)
+        flow = flow * torch.tensor([W / w, H / h], device=flow.device).view(1, 2, 1, 1)   # to image pixels
         return flow.permute(0, 2, 3, 1).cpu().numpy()
 
     @torch.no_grad()
@@ -126,15 +126,10 @@ def show_prediction(image, points, flow, title: str = '', max_mag=None, fig=None
 # %% ../nbs/03a_propagator.ipynb #81896255
 def load_model(weights=None, device='cpu', file=None) -> torch.nn.Module:
     "A CMP model, with `model.record`, from a registry name (None: the default), a path or 'hf://repo/path'."
-    from cmp_nb.model import build_model, load_official_checkpoint
-    from cmp_nb.checkpoint import load_torch_file
+    from cmp_nb.model import load_model_file
     from cmp_nb.weights import weights_file, make_record
     path, entry = weights_file(weights, file=file)
-    ck = load_torch_file(path, what='model file')
-    if isinstance(ck, dict) and 'preset' in ck and 'model' in ck:
-        model = build_model(ck['preset'], **ck.get('model_kwargs', {}))
-        model.load_state_dict(ck['model'])
-    else: model = load_official_checkpoint(path)
+    model, ck = load_model_file(path)
     if entry is not None and model.preset != entry.preset:
         raise ValueError(f'{path} holds a {model.preset!r} model, but weights {entry.name!r} are '
                          f'{entry.preset!r}: wrong file?')

@@ -19,22 +19,22 @@ import torch.distributed as dist
 from .core import DistEnv, atomic_write_text, dist_env, pick_device
 from .config import (Config, CkptConfig, as_config, load_config, save_config, check_config,
                            build_optimizer, base_lr, valid_keys)
-from .checkpoint import (Checkpoints, ResumableBatchSampler, SeededSamples, load_checkpoint,
+from .checkpoint import (TRAIN_FORMAT, WEIGHTS_FORMAT, ENCODER_FORMAT, Checkpoints, ResumableBatchSampler, SeededSamples, load_checkpoint,
                                atomic_save, rng_state, set_rng_state, seed_everything, sample_seed)
 from .flow import flow_to_color, tensor_to_image
 from .model import build_model
-from .losses import DiscreteFlowLoss, logits_to_flow
+from .losses import DiscreteFlowLoss, logits_to_flow, logits_to_dense_flow
 from .guidance import draw_guidance, nearest_guidance_flow, sparse_to_points
 
 # %% auto #0
 __all__ = ['AMP_DTYPES', 'NO_RESUME', 'RUN_FILES', 'TASKS', 'EVENTS', 'DistInfo', 'setup_distributed', 'all_reduce_mean',
            'DistBatchNorm2d', 'convert_sync_bn', 'build_datasets', 'collate', 'MapBatches', 'ShardBatches',
            'make_loader', 'autocast_for', 'make_scaler', 'unwrap', 'build_train_model', 'wrap_model', 'batch_to_device',
-           'check_finite', 'dense_flow', 'predict_flow', 'evaluate', 'flow_panel', 'StopRequest', 'gather_states',
-           'training_state', 'restore_training_state', 'RunDirInUse', 'export_weights', 'Task', 'CMPTask',
-           'register_task', 'get_task', 'Callback', 'Learner', 'StopCB', 'ProgressCB', 'metrics_row', 'MetricsCB',
-           'TensorBoardCB', 'ValidationCB', 'CheckpointCB', 'default_callbacks', 'train', 'to_torchvision_resnet',
-           'export_encoder', 'export_encoder_main', 'main']
+           'check_finite', 'predict_flow', 'evaluate', 'flow_panel', 'StopRequest', 'gather_states', 'training_state',
+           'restore_training_state', 'RunDirInUse', 'export_weights', 'Task', 'CMPTask', 'register_task', 'get_task',
+           'Callback', 'Learner', 'StopCB', 'ProgressCB', 'metrics_row', 'MetricsCB', 'TensorBoardCB', 'ValidationCB',
+           'CheckpointCB', 'default_callbacks', 'train', 'to_torchvision_resnet', 'export_encoder',
+           'export_encoder_main', 'main']
 
 # %% ../nbs/05_train.ipynb #c006
 @dataclass(frozen=True)
@@ -290,18 +290,11 @@ def check_finite(loss: torch.Tensor):
         raise FloatingPointError(f'training loss became {loss.item()}; lower optim.lr or check the data')
 
 # %% ../nbs/05_train.ipynb #b1a4361b
-def dense_flow(logits: torch.Tensor, nbins: int, fmax: float, size) -> torch.Tensor:
-    "Decoded flow (B,2,H,W) at `size` (bilinear, align_corners=True; vectors are already in input pixels)."
-    flow = logits_to_flow(logits, nbins, fmax)
-    if tuple(flow.shape[-2:]) != tuple(size):
-        flow = F.interpolate(flow, size=tuple(size), mode='bilinear', align_corners=True)
-    return flow
-
 @torch.no_grad()
 def predict_flow(model: nn.Module, image: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
     "The model's decoded flow (B,2,H,W) at the image size."
     core = unwrap(model)
-    return dense_flow(model(image, sparse).float(), core.nbins, core.fmax, image.shape[-2:])
+    return logits_to_dense_flow(model(image, sparse).float(), core.nbins, core.fmax, size=image.shape[-2:])
 
 # %% ../nbs/05_train.ipynb #efb18cf6
 def _valid_mask(batch: dict, flow: torch.Tensor) -> torch.Tensor:
@@ -400,7 +393,7 @@ def training_state(model, opt, sched, scaler, iteration: int, cfg: dict | Config
                    procs: list, elapsed: float = 0.0) -> dict:
     "Everything a resume needs, as tensors and plain values (loadable with weights_only=True)."
     cfg = as_config(cfg)
-    return {'format': 'cmp_nb.train/1', 'task': cfg.task.name, 'preset': cfg.model.preset,
+    return {'format': TRAIN_FORMAT, 'task': cfg.task.name, 'preset': cfg.model.preset,
             'model_kwargs': dict(cfg.model.kwargs), 'model': unwrap(model).state_dict(),
             'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(), 'scaler': scaler.state_dict(),
             'iteration': int(iteration), 'procs': procs, 'world_size': info.world_size,
@@ -514,7 +507,7 @@ def export_weights(checkpoint, out, half: bool = False) -> Path:
     `half`."""
     ck = load_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
     sd = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ck['model'].items()}
-    return atomic_save({'task': ck.get('task', 'cmp'), 'preset': ck['preset'],
+    return atomic_save({'format': WEIGHTS_FORMAT, 'task': ck.get('task', 'cmp'), 'preset': ck['preset'],
                         'model_kwargs': dict(ck.get('model_kwargs', {})), 'model': sd,
                         'iteration': int(ck.get('iteration', 0)), 'config': ck.get('config')}, out)
 
@@ -555,7 +548,7 @@ class CMPTask(Task):
         return (f"EPE {m['epe']:.3f} px | zero flow {m['epe_zero']:.3f} | "
                 f"nearest guidance {m['epe_nearest']:.3f} ({m['samples']} held-out samples)")
     def panel(self, model, batch, out):
-        fl = dense_flow(out[:1].float(), self.nbins, self.fmax, batch['image'].shape[-2:])
+        fl = logits_to_dense_flow(out[:1].float(), self.nbins, self.fmax, size=batch['image'].shape[-2:])
         return flow_panel(batch['image'][0], batch['sparse'][0], fl[0], batch['flow'][0])
 
 # %% ../nbs/05_train.ipynb #2b8aac0b
@@ -893,7 +886,7 @@ def export_encoder(checkpoint, out, torchvision_out=None) -> dict:
     enc = model.image_encoder
     sd = {k: v.detach().clone() for k, v in enc.state_dict().items()}
     out = Path(out)
-    written = {'encoder': atomic_save({'preset': model.preset, 'arch': type(enc).__name__,
+    written = {'encoder': atomic_save({'format': ENCODER_FORMAT, 'preset': model.preset, 'arch': type(enc).__name__,
                                        'stride': int(enc.stride), 'out_dim': int(enc.out_dim),
                                        'image_encoder': sd, 'mean': list(IMAGE_MEAN), 'std': list(IMAGE_STD)},
                                       out)}

@@ -41,7 +41,8 @@ class Weights:
 
     def __post_init__(self):
         if (self.file is None) == (self.hub_repo is None):
-            raise ValueError(f'weights {self.name!r}: give exactly one source, file= or hub_repo= (+ hub_path=)')
+            raise ValueError(f'weights {self.name!r}: give exactly one source, '
+                             'file= or hub_repo= (+ hub_path=)')
         if self.hub_repo is not None and not self.hub_path:
             raise ValueError(f'weights {self.name!r}: hub_repo={self.hub_repo!r} needs hub_path=')
 
@@ -50,8 +51,8 @@ class Weights:
         "Where a person downloads the file: the Hub's resolve URL, or the shipped file's path."
         if self.file is not None: return str(REPO / self.file)
         from urllib.parse import quote
-        return (f'https://huggingface.co/{self.hub_repo}/resolve/{quote(self.hub_revision or "main", safe="")}/'
-                f'{quote(self.hub_path)}')
+        revision = quote(self.hub_revision or 'main', safe='')
+        return f'https://huggingface.co/{self.hub_repo}/resolve/{revision}/{quote(self.hub_path)}'
 
     @property
     def filename(self) -> str: return Path(self.file or self.hub_path).name
@@ -88,31 +89,38 @@ def get_weights(name: str) -> Weights:
 
 # %% ../nbs/03b_weights.ipynb #79d2ed80
 QUICKSTART = register_weights(Weights(
-    name='quickstart', description="cmp_nb's teaching model: ResNet-18 stem, plain decoder, a few CPU minutes",
-    preset='small', train_crop=192, licence='Apache-2.0 (cmp_nb)',
+    name='quickstart', preset='small', train_crop=192, licence='Apache-2.0 (cmp_nb)',
+    description="cmp_nb's teaching model: ResNet-18 stem, plain decoder, a few CPU minutes",
     trained_on='synthetic scenes with exact flow (cmp_nb.synthetic), 1000 iterations x 8 crops of 192 px',
     file='data_samples/quickstart.pt', card='data_samples/quickstart.md',
     figures='data_samples/quickstart_run/summary.json#val',
-    figures_note='validation EPE (px) on held-out synthetic scenes, with the zero-flow and nearest-guidance baselines'))
+    figures_note='validation EPE (px) on held-out synthetic scenes, with the zero-flow and nearest-guidance '
+                 'baselines'))
 
 SMALL_CHAIRS = register_weights(Weights(
-    name='small-chairs', description="cmp_nb's default model: the quickstart network trained on CHAIRS scenes with interactive-style guidance",
-    preset='small', train_crop=192, licence='Apache-2.0 (cmp_nb)',
-    trained_on=('CHAIRS-recipe synthetic scenes with exact flow (cmp_nb.synthetic.CHAIRS), 3600 iterations x 8 crops '
-                'of 192 px; guidance: half watershed + grid (K=31, G=80), half interactive-style (departs from the paper)'),
+    name='small-chairs', preset='small', train_crop=192, licence='Apache-2.0 (cmp_nb)',
+    description="cmp_nb's default model: the quickstart network trained on CHAIRS scenes with "
+                'interactive-style guidance',
+    trained_on=('CHAIRS-recipe synthetic scenes with exact flow (cmp_nb.synthetic.CHAIRS), 3600 iterations '
+                'x 8 crops of 192 px; guidance: half watershed + grid (K=31, G=80), half interactive-style '
+                '(departs from the paper)'),
     file='data_samples/default.pt', card='data_samples/default.md',
     figures='data_samples/default_run/figures.json#model: default',
-    figures_note='cmp_nb.baselines figures (a)-(e) from benchmarks/bench_shipped.py; the baselines are in the same file'))
+    figures_note='cmp_nb.baselines figures (a)-(e) from benchmarks/bench_shipped.py; the baselines are in '
+                 'the same file'))
 
 AUTHORS_SEMIAUTO = register_weights(Weights(
     name='authors-semiauto', preset='resnet50-skip-official', train_crop=384, train_short_side=416,
     description="the authors' ResNet-50 demo and semi-automatic annotation model, skip decoder",
     licence="MIT (the authors' code, XiaohangZhan/conditional-motion-propagation)",
-    trained_on='VIP + MPII human videos, LiteFlowNet flow (release experiment semiauto_annot/resnet50_vip+mpii_liteflow)',
+    trained_on='VIP + MPII human videos, LiteFlowNet flow (release experiment '
+               'semiauto_annot/resnet50_vip+mpii_liteflow)',
     hub_repo='MyNiuuu/MOFA-Video-Traj',
-    hub_path='models/cmp/experiments/semiauto_annot/resnet50_vip+mpii_liteflow/checkpoints/ckpt_iter_42000.pth.tar',
+    hub_path='models/cmp/experiments/semiauto_annot/resnet50_vip+mpii_liteflow/checkpoints/'
+             'ckpt_iter_42000.pth.tar',
     manual=("the authors' Google Drive release of ckpt_iter_42000.pth.tar, linked from "
-            'https://github.com/XiaohangZhan/conditional-motion-propagation (experiment semiauto_annot/resnet50_vip+mpii_liteflow)'),
+            'https://github.com/XiaohangZhan/conditional-motion-propagation '
+            '(experiment semiauto_annot/resnet50_vip+mpii_liteflow)'),
     note="not downloaded or measured in cmp_nb's CI"))
 
 # %% ../nbs/03b_weights.ipynb #89b2c63c
@@ -150,15 +158,19 @@ def how_to_get(w: Weights, reason: str = '') -> str:
 
 def hub_download(repo: str, path: str, revision: str | None = None, offline: bool | None = None,
                  cache_dir=None, what: Weights | None = None) -> Path:
-    "A Hub file in the Hub's standard cache (downloaded with a progress bar if missing); `WeightsNotAvailable` if it cannot be had."
+    "A Hub file in the Hub's cache (downloaded if missing); `WeightsNotAvailable` if it cannot be had."
     w = what or Weights(f'hf://{repo}/{path}', f'{path} in the Hub repo {repo}', '', None, '', '',
                         hub_repo=repo, hub_path=path, hub_revision=revision)
     offline = _offline() if offline is None else offline
     try: from huggingface_hub import hf_hub_download
-    except ImportError as e: raise WeightsNotAvailable(how_to_get(w, 'huggingface_hub is not installed')) from e
-    try: return Path(hf_hub_download(repo, path, revision=revision, cache_dir=cache_dir, local_files_only=offline))
+    except ImportError as e:
+        raise WeightsNotAvailable(how_to_get(w, 'huggingface_hub is not installed')) from e
+    try:
+        got = hf_hub_download(repo, path, revision=revision, cache_dir=cache_dir, local_files_only=offline)
+        return Path(got)
     except Exception as e:
-        why = 'offline mode (HF_HUB_OFFLINE=1) and the file is not in the Hub cache' if offline else 'the Hub download failed'
+        why = ('offline mode (HF_HUB_OFFLINE=1) and the file is not in the Hub cache' if offline
+               else 'the Hub download failed')
         raise WeightsNotAvailable(how_to_get(w, f'{why} ({type(e).__name__}: {e})')) from e
 
 # %% ../nbs/03b_weights.ipynb #21b69968
@@ -171,32 +183,43 @@ def _sha256(path: Path) -> str:
 def _checked(w: Weights, path: Path, how: str) -> Path:
     if not path.is_file(): raise FileNotFoundError(f'weights {w.name!r}: {how} {path} does not exist')
     if w.sha256 and _sha256(path) != w.sha256:
-        raise ValueError(f'weights {w.name!r}: {how} {path} is not the expected file (sha256 differs from {w.sha256})')
+        raise ValueError(f'weights {w.name!r}: {how} {path} is not the expected file '
+                         f'(sha256 differs from {w.sha256})')
     return path
 
-def weights_file(weights=None, file=None, offline: bool | None = None, cache_dir=None) -> tuple[Path, Weights | None]:
-    "(local file, registry entry or None) for a registry name (None: the default), a `Weights`, a local path or 'hf://...'."
+def _shipped_entry(p: Path) -> Weights | None:
+    "The registry entry whose shipped file `p` is, if any."
+    if not p.is_file(): return None
+    shipped = (w for w in WEIGHTS.values() if w.file is not None)
+    return next((w for w in shipped if (REPO / w.file).resolve() == p.resolve()), None)
+
+# %% ../nbs/03b_weights.ipynb #21b69969
+def weights_file(weights=None, file=None, offline: bool | None = None, cache_dir=None) -> tuple:
+    "(local file, registry entry or None) for a registry name (None: default), `Weights`, path or 'hf://...'."
     if weights is None: weights = 'default'
     w = weights if isinstance(weights, Weights) else None
     if w is None and isinstance(weights, str) and weights.startswith('hf://'):
         repo, path, rev = parse_hf(weights)
-        w = next((e for e in WEIGHTS.values() if (e.hub_repo, e.hub_path, e.hub_revision) == (repo, path, rev)), None)
+        same = lambda e: (e.hub_repo, e.hub_path, e.hub_revision) == (repo, path, rev)
+        w = next((e for e in WEIGHTS.values() if same(e)), None)
         if w is None:
             if file is not None: return Path(file), None
             return hub_download(repo, path, rev, offline, cache_dir), None
-    if w is None and isinstance(weights, str) and (weights in WEIGHTS or weights == 'default'): w = get_weights(weights)
+    if w is None and isinstance(weights, str) and (weights in WEIGHTS or weights == 'default'):
+        w = get_weights(weights)
     if w is None:                                         # a local path
         if file is not None: raise ValueError(f'file= goes with a registry name, not a path ({weights!r})')
         p = Path(weights)
         if not p.exists() and isinstance(weights, str) and os.sep not in weights and not p.suffix:
             raise FileNotFoundError(f'{weights!r} is neither a file nor a registered weights name; '
                                     f'registered: {", ".join(list_weights())}')
-        return p, None
+        return p, _shipped_entry(p)
     if file is not None: return _checked(w, Path(file).expanduser(), 'file='), w
     if w.file is not None:
         p = REPO / w.file
-        if not p.is_file(): raise FileNotFoundError(f'weights {w.name!r}: the shipped file {p} is missing '
-                                                    '(it lives in the repository; is this a checkout of cmp_nb?)')
+        if not p.is_file():
+            raise FileNotFoundError(f'weights {w.name!r}: the shipped file {p} is missing '
+                                    '(it lives in the repository; is this a checkout of cmp_nb?)')
         return p, w
     local = weights_dir() / w.name / w.filename
     if local.is_file(): return _checked(w, local, f'${ENV_DIR} file'), w
@@ -218,8 +241,13 @@ class WeightsRecord:
     @property
     def name(self) -> str | None: return self.weights.name if self.weights else None
 
+    @property
+    def card(self) -> Path | None:
+        "The model card of the registry entry, when there is one and it has a card."
+        return REPO / self.weights.card if self.weights and self.weights.card else None
+
 def make_record(source, model, checkpoint=None, weights: Weights | None = None) -> WeightsRecord:
-    "The record of `model`, loaded from `source` (its raw `checkpoint` dict if at hand; its registry entry if any)."
+    "The record of `model`, loaded from `source` (its raw `checkpoint` dict if at hand; its registry entry)."
     cfg = checkpoint.get('config') if isinstance(checkpoint, dict) else None
     data = cfg.get('data', {}) if isinstance(cfg, dict) else {}
     crop = data.get('crop') or (weights.train_crop if weights else None)

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cmp_nb.checkpoint import ENCODER_FORMAT, LEGACY_FORMAT, WEIGHTS_FORMAT, read_checkpoint
+from cmp_nb.model import PRESETS, preset_defaults
 from cmp_nb.propagator import DEFAULT_MAX_SIDE, load_model, load_propagator
 from cmp_nb.weights import (DEFAULT_WEIGHTS, ENV_DIR, REPO, WEIGHTS, WeightsNotAvailable, get_weights,
                             weights_file)
@@ -33,6 +35,55 @@ def test_shipped_entry_matches_its_file(name):
     assert model.record.name == name and model.record.source == str(REPO / w.file)
     assert w.card is None or (REPO / w.card).is_file()
     assert isinstance(w.measured(), dict)
+    assert model.record.card == (REPO / w.card if w.card else None)
+
+
+@pytest.mark.parametrize('name', list(WEIGHTS))
+def test_entry_names_a_preset_with_its_bins(name):
+    "Every entry's preset is a builder in cmp_nb.model.PRESETS whose default bins are the entry's."
+    w = WEIGHTS[name]
+    assert w.preset in PRESETS, (w.preset, list(PRESETS))
+    defaults = preset_defaults(w.preset)
+    assert (defaults['nbins'], defaults['fmax']) == (w.nbins, w.fmax)
+
+
+@pytest.mark.parametrize('name', [n for n, w in WEIGHTS.items() if w.card is not None])
+def test_card_states_the_record(name):
+    "The model card says what the registry says: the file, the name, the preset, the training crop, the bins."
+    w = WEIGHTS[name]
+    card = (REPO / w.card).read_text()
+    for fact in (f'`{w.file}`', w.name, f'preset `{w.preset}`', f'{w.train_crop}x{w.train_crop}',
+                 f'{w.nbins} bins per axis over +-{w.fmax:g} px'):
+        assert fact in card, (fact, w.card)
+
+
+@pytest.mark.parametrize('name', [n for n, w in WEIGHTS.items() if w.file is not None])
+def test_shipped_file_is_legacy_and_keeps_its_entry_by_path(name):
+    "The shipped files predate declared formats: they read as cmp_nb.legacy; loaded by path they are still the entry."
+    w = WEIGHTS[name]
+    assert read_checkpoint(REPO / w.file)[1] == LEGACY_FORMAT
+    model = load_model(str(REPO / w.file))
+    assert model.record.name == name
+    assert model.record.card == REPO / w.card
+
+
+def test_declared_formats(tmp_path):
+    "A weights file in the declared format loads; an encoder file or an unknown format is refused by name."
+    ck = torch.load(REPO / WEIGHTS['quickstart'].file, map_location='cpu', weights_only=True)
+    torch.save({**ck, 'format': WEIGHTS_FORMAT}, tmp_path / 'model.pt')
+    model = load_model(tmp_path / 'model.pt')
+    ref = load_model('quickstart')
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
+    assert model.record.train_crop == 192
+    assert model.record.iteration == ck['iteration']
+    torch.save({'format': ENCODER_FORMAT, 'preset': 'small', 'image_encoder': {}}, tmp_path / 'enc.pt')
+    with pytest.raises(ValueError, match='is a cmp_nb.encoder/1 file') as e:
+        load_model(tmp_path / 'enc.pt')
+    assert str(tmp_path / 'enc.pt') in str(e.value)
+    torch.save({**ck, 'format': 'cmp_nb.weights/7'}, tmp_path / 'future.pt')
+    with pytest.raises(ValueError, match="declares format 'cmp_nb.weights/7'") as e:
+        load_model(tmp_path / 'future.pt')
+    assert str(tmp_path / 'future.pt') in str(e.value)
 
 
 def test_default_is_registered():
