@@ -31,6 +31,7 @@ def directions(n: int = 8) -> np.ndarray:
     a = 2 * np.pi * np.arange(int(n)) / int(n)
     return np.stack([np.cos(a), np.sin(a)], 1).astype(np.float32)
 
+# %% ../nbs/08_annotate.ipynb #2039d087
 def _clicks(c) -> np.ndarray:
     return as_points(static=c)[:, :2]
 
@@ -46,9 +47,10 @@ def click_guidance(positive, negative=None, n_directions: int = 8, magnitude: fl
 # %% ../nbs/08_annotate.ipynb #82b7e590
 def fuse_flows(flows, dirs, reference, soft: bool = True, threshold: float = 0.5) -> np.ndarray:
     """Object score (H,W) in [0,1] from flows (K,H,W,2) predicted for dummy motions along dirs (K,2).
-    `reference` (K,) is the motion along dirs[k] that counts as 'moved fully' (the motion predicted at the positive
-    clicks, or the dummy magnitude). soft: mean over directions of the share of it each pixel took along, clipped to
-    [0, 1]; otherwise the fraction of directions where that share exceeds `threshold` (a hard vote)."""
+    `reference` (K,) is the motion along dirs[k] that counts as 'moved fully' (the motion predicted at the
+    positive clicks, or the dummy magnitude). soft: mean over directions of the share of it each pixel took
+    along, clipped to [0, 1]; otherwise the fraction of directions where that share exceeds `threshold` (a
+    hard vote)."""
     flows, dirs = np.asarray(flows, np.float32), np.asarray(dirs, np.float32)
     if flows.ndim != 4 or flows.shape[-1] != 2 or len(flows) != len(dirs):
         raise ValueError(f'flows must be (K,H,W,2) with K = len(dirs) = {len(dirs)}, got {flows.shape}')
@@ -57,13 +59,16 @@ def fuse_flows(flows, dirs, reference, soft: bool = True, threshold: float = 0.5
     follow = np.einsum('khwc,kc->khw', flows, dirs) / ref[:, None, None]
     return np.clip(follow, 0, 1).mean(0) if soft else (follow > threshold).mean(0)
 
+# %% ../nbs/08_annotate.ipynb #287f4ab6
 def keep_clicked(mask, positive) -> np.ndarray:
     "The connected parts of `mask` that contain a positive click (the whole mask if none does)."
     lab, n = ndimage.label(mask)
     H, W = mask.shape
-    ids = {int(lab[min(max(int(round(y)), 0), H - 1), min(max(int(round(x)), 0), W - 1)]) for x, y in positive} - {0}
+    ids = {int(lab[min(max(int(round(y)), 0), H - 1), min(max(int(round(x)), 0), W - 1)])
+           for x, y in positive} - {0}
     return np.isin(lab, list(ids)) if ids else mask
 
+# %% ../nbs/08_annotate.ipynb #02828a13
 def _at(a, xy):
     "Values of a (K,H,W,...) array at integer click positions xy (N,2) -> (N,K,...)."
     H, W = a.shape[1:3]
@@ -71,8 +76,9 @@ def _at(a, xy):
     return np.moveaxis(a[:, y, x], 1, 0)
 
 def negative_cut(flows, positive, negative) -> np.ndarray:
-    """bool (H,W): pixels whose predicted motions (over all K directions) are nearer those at a negative click than
-    those at every positive click. A static point the model obeys makes this the pixels that stayed with it."""
+    """bool (H,W): pixels whose predicted motions (over all K directions) are nearer those at a negative click
+    than those at every positive click. A static point the model obeys makes this the pixels that stayed
+    with it."""
     pos, neg = _clicks(positive), _clicks(negative)
     if len(neg) == 0: return np.zeros(flows.shape[1:3], bool)
     f = np.moveaxis(np.asarray(flows, np.float32), 0, 2).reshape(*flows.shape[1:3], -1)   # (H,W,2K)
@@ -83,19 +89,22 @@ def negative_cut(flows, positive, negative) -> np.ndarray:
 DUMMY_PX = 8.0      # dummy motion at the model's input scale, px: inside what the models were trained on
 
 def default_magnitude(prop, model_px: float = DUMMY_PX) -> float:
-    "Dummy motion length in image pixels: `model_px` at the scale the Propagator runs the model at (set_image first)."
-    if getattr(prop, 'image', None) is None: raise RuntimeError('call prop.set_image(image) before default_magnitude')
+    """Dummy motion length in image pixels: `model_px` at the scale the Propagator runs the model at
+    (set_image first)."""
+    if getattr(prop, 'image', None) is None:
+        raise RuntimeError('call prop.set_image(image) before default_magnitude')
     H, W = prop.image.shape[:2]
     in_size = getattr(prop, 'in_size', (H, W))
     return float(model_px * max(H, W) / max(in_size))
 
+# %% ../nbs/08_annotate.ipynb #f609ba35
 def click_mask(prop, positive, negative=None, n_directions: int = 8, magnitude: float | None = None,
                soft: bool = True, relative: bool = True, threshold: float = 0.5, cut: bool = True,
                connected: bool = True, return_scores: bool = False):
     """Object mask (H,W) bool from clicks on the Propagator's current image (set_image first).
-    relative: a pixel 'moved fully' when it moved as much as the positive clicks themselves are predicted to move (not
-    the dummy magnitude); soft: `fuse_flows`' soft score; cut: drop pixels that move like a negative click (`negative_cut`);
-    connected: keep the mask parts that hold a positive click."""
+    relative: a pixel 'moved fully' when it moved as much as the positive clicks themselves are predicted to
+    move (not the dummy magnitude); soft: `fuse_flows`' soft score; cut: drop pixels that move like a negative
+    click (`negative_cut`); connected: keep the mask parts that hold a positive click."""
     if getattr(prop, 'image', None) is None: raise RuntimeError('call prop.set_image(image) before click_mask')
     m = default_magnitude(prop) if magnitude is None else float(magnitude)
     sets, dirs = click_guidance(positive, negative, n_directions, m), directions(n_directions)
@@ -104,7 +113,7 @@ def click_mask(prop, positive, negative=None, n_directions: int = 8, magnitude: 
     flows = np.concatenate([prop.predict_many(sets[i:i + batch]) for i in range(0, len(sets), batch)])
     pos = _clicks(positive)
     ref = np.full(len(dirs), m, np.float32)
-    if relative:                                            # what the clicked pixels themselves are predicted to do
+    if relative:                                            # what the clicked pixels are predicted to do
         at = np.einsum('nkc,kc->k', _at(flows, pos), dirs) / len(pos)
         ref = np.maximum(at, 0.1 * m)
     scores = fuse_flows(flows, dirs, ref, soft=soft, threshold=threshold)
@@ -121,10 +130,11 @@ def iou(a, b) -> float:
     u = (a | b).sum()
     return 1.0 if u == 0 else float((a & b).sum() / u)
 
+# %% ../nbs/08_annotate.ipynb #dc7066c5
 def standard_click(gt, pred):
-    """The standard next click (RITM, SimpleClick): (x, y, positive) at the pixel deepest inside the false negatives or
-    the false positives, whichever error region reaches deeper (image border counted as boundary; a tie goes to the
-    false negatives); positive for a false negative. None when pred == gt."""
+    """The standard next click (RITM, SimpleClick): (x, y, positive) at the pixel deepest inside the false
+    negatives or the false positives, whichever error region reaches deeper (image border counted as
+    boundary; a tie goes to the false negatives); positive for a false negative. None when pred == gt."""
     gt, pred = np.asarray(gt, bool), np.asarray(pred, bool)
     if gt.shape != pred.shape: raise ValueError(f'mask shapes differ: {gt.shape} vs {pred.shape}')
     best = None
@@ -134,9 +144,10 @@ def standard_click(gt, pred):
         if best is None or d > best[0]: best = (d, x, y, positive)
     return None if best is None else (best[1], best[2], best[3])
 
+# %% ../nbs/08_annotate.ipynb #abcb16b2
 def largest_region_click(gt, pred):
-    """cmp_nb's older rule, kept to compare: (x, y, positive) at the deepest pixel of the largest connected error
-    region (by area). None when pred == gt."""
+    """cmp_nb's older rule, kept to compare: (x, y, positive) at the deepest pixel of the largest connected
+    error region (by area). None when pred == gt."""
     gt, pred = np.asarray(gt, bool), np.asarray(pred, bool)
     if gt.shape != pred.shape: raise ValueError(f'mask shapes differ: {gt.shape} vs {pred.shape}')
     best = None
@@ -152,16 +163,20 @@ CLICK_RULES = {'standard': standard_click, 'largest-region': largest_region_clic
 
 # %% ../nbs/08_annotate.ipynb #a2ad1885
 class CMPClicks:
-    "CMP as a click segmenter: `set_image(img)` encodes once, `(positive, negative) -> mask` runs `click_mask`."
+    """CMP as a click segmenter: `set_image(img)` encodes once, `(positive, negative) -> mask` runs
+    `click_mask`."""
     name = 'CMP'
     def __init__(self, prop, **mask_kw):
-        if not hasattr(prop, 'predict_many'): raise TypeError(f'CMPClicks needs a cmp_nb Propagator, got {type(prop).__name__}')
+        if not hasattr(prop, 'predict_many'):
+            raise TypeError(f'CMPClicks needs a cmp_nb Propagator, got {type(prop).__name__}')
         self.prop, self.mask_kw = prop, mask_kw
     def set_image(self, image): self.prop.set_image(image); return self
     def __call__(self, positive, negative=None): return click_mask(self.prop, positive, negative, **self.mask_kw)
 
+# %% ../nbs/08_annotate.ipynb #86116e6a
 def _seeds(shape, positive, negative, radius: int, border: bool) -> np.ndarray:
-    "int (H,W) labels: 1 = disks at positive clicks, 2 = disks at negative clicks (+ the image border), 0 = unknown."
+    """int (H,W) labels: 1 = disks at positive clicks, 2 = disks at negative clicks (+ the image border),
+    0 = unknown."""
     H, W = shape
     lab = np.zeros((H, W), np.uint8)
     if border: lab[0, :] = lab[-1, :] = lab[:, 0] = lab[:, -1] = 2
@@ -170,8 +185,10 @@ def _seeds(shape, positive, negative, radius: int, border: bool) -> np.ndarray:
         for x, y in pts: lab[(xx - x) ** 2 + (yy - y) ** 2 <= radius ** 2] = v
     return lab
 
+# %% ../nbs/08_annotate.ipynb #d59388c3
 def random_walker_mask(image, positive, negative=None, beta: float = 130., radius: int = 3) -> np.ndarray:
-    "scikit-image's random walker: positive clicks against negative clicks plus the image border; mask = label 1."
+    """scikit-image's random walker: positive clicks against negative clicks plus the image border;
+    mask = label 1."""
     from skimage.segmentation import random_walker
     img = load_image(image)
     if len(_clicks(positive)) == 0: raise ValueError('need at least one positive click')
@@ -179,9 +196,12 @@ def random_walker_mask(image, positive, negative=None, beta: float = 130., radiu
     out = random_walker(img.astype(np.float32) / 255, lab, beta=beta, mode='bf', channel_axis=-1)
     return out == 1
 
-def grabcut_mask(image, positive, negative=None, iters: int = 5, radius: int = 3, prior: float = 0.1) -> np.ndarray:
-    """OpenCV GrabCut in mask mode: sure foreground at the positive clicks, sure background at the negative clicks and
-    the image border, probable foreground within `prior` x the longer side of a positive click, probable background elsewhere."""
+# %% ../nbs/08_annotate.ipynb #eb21c75f
+def grabcut_mask(image, positive, negative=None, iters: int = 5, radius: int = 3,
+                 prior: float = 0.1) -> np.ndarray:
+    """OpenCV GrabCut in mask mode: sure foreground at the positive clicks, sure background at the negative
+    clicks and the image border, probable foreground within `prior` x the longer side of a positive click,
+    probable background elsewhere."""
     img = load_image(image)
     pos = _clicks(positive)
     if len(pos) == 0: raise ValueError('need at least one positive click')
@@ -196,6 +216,7 @@ def grabcut_mask(image, positive, negative=None, iters: int = 5, radius: int = 3
     cv2.grabCut(np.ascontiguousarray(img[..., ::-1]), m, None, bgd, fgd, int(iters), cv2.GC_INIT_WITH_MASK)
     return (m == cv2.GC_FGD) | (m == cv2.GC_PR_FGD)
 
+# %% ../nbs/08_annotate.ipynb #63cce73b
 class ImageClicks:
     "A click segmenter from a function `f(image, positive, negative) -> mask` that needs no learning."
     def __init__(self, fn, name: str, **kw): self.fn, self.name, self.kw, self.image = fn, name, kw, None
@@ -204,21 +225,24 @@ class ImageClicks:
 
 def baselines() -> dict:
     "The two segmenters that need no learning, by name."
-    return {'random walker': ImageClicks(random_walker_mask, 'random walker'), 'GrabCut': ImageClicks(grabcut_mask, 'GrabCut')}
+    return {'random walker': ImageClicks(random_walker_mask, 'random walker'),
+            'GrabCut': ImageClicks(grabcut_mask, 'GrabCut')}
 
 # %% ../nbs/08_annotate.ipynb #4408d848
 MAX_CLICKS = 20
 
 def simulate_clicks(segmenter, image, gt, n_clicks: int = MAX_CLICKS, rule: str = 'standard', **mask_kw) -> dict:
-    """Annotate one object with simulated clicks, from an empty mask: {'iou': [after click 1..n], 'clicks': [(x, y, positive)],
-    'masks', 'seconds': [per click]}. `segmenter`: a Propagator (CMP, `mask_kw` go to `click_mask`) or anything with
-    `set_image(image)` and `(positive, negative) -> mask` (`CMPClicks`, `baselines()`)."""
+    """Annotate one object with simulated clicks, from an empty mask: {'iou': [after click 1..n], 'clicks':
+    [(x, y, positive)], 'masks', 'seconds': [per click]}. `segmenter`: a Propagator (CMP, `mask_kw` go to
+    `click_mask`) or anything with `set_image(image)` and `(positive, negative) -> mask` (`CMPClicks`,
+    `baselines()`)."""
     if rule not in CLICK_RULES: raise ValueError(f'unknown click rule {rule!r}; use one of {list(CLICK_RULES)}')
     if hasattr(segmenter, 'predict_many'): segmenter = CMPClicks(segmenter, **mask_kw)
     elif mask_kw: raise TypeError(f'mask options {sorted(mask_kw)} only apply to a Propagator')
     gt = np.asarray(gt, bool)
     img = load_image(image)
-    if gt.shape != img.shape[:2]: raise ValueError(f'gt mask shape {gt.shape} differs from image size {img.shape[:2]}')
+    if gt.shape != img.shape[:2]:
+        raise ValueError(f'gt mask shape {gt.shape} differs from image size {img.shape[:2]}')
     if not gt.any(): raise ValueError('gt mask is empty')
     if int(n_clicks) < 1: raise ValueError(f'n_clicks must be >= 1, got {n_clicks!r}')
     segmenter.set_image(img)
@@ -236,11 +260,13 @@ def simulate_clicks(segmenter, image, gt, n_clicks: int = MAX_CLICKS, rule: str 
         out['iou'].append(iou(gt, pred)); out['masks'].append(pred)
     return out
 
+# %% ../nbs/08_annotate.ipynb #867f7a2b
 def click_metrics(ious, noc=(0.8, 0.85, 0.9), nof=(0.85, 0.9), max_clicks: int | None = None) -> dict:
-    """From per-object IoU curves (N objects, k clicks): NoC@t (mean clicks to reach IoU t; max_clicks if never),
-    NoF@t (objects that never reach t) and mIoU after each click (the curve, k = 1..)."""
+    """From per-object IoU curves (N objects, k clicks): NoC@t (mean clicks to reach IoU t; max_clicks if
+    never), NoF@t (objects that never reach t) and mIoU after each click (the curve, k = 1..)."""
     a = np.asarray(ious, np.float64)
-    if a.ndim != 2 or a.size == 0: raise ValueError(f'ious must be a non-empty (objects, clicks) array, got shape {a.shape}')
+    if a.ndim != 2 or a.size == 0:
+        raise ValueError(f'ious must be a non-empty (objects, clicks) array, got shape {a.shape}')
     K = a.shape[1] if max_clicks is None else int(max_clicks)
     out = {}
     for t in noc:
@@ -256,9 +282,9 @@ PHOTO_SEED = ANNOTATION_SEED + 50_000
 
 def synthetic_tasks(n_scenes: int = 6, size=(256, 256), seed: int = ANNOTATION_SEED, min_area: float = 0.01,
                     per_scene: int = 2, parts: bool = False, **scene_kw) -> list:
-    """Annotation tasks [(image, gt_mask, name)] from held-out synthetic scenes: up to `per_scene` largest whole objects
-    each ('scene<seed>/object<i>'), or with parts=True up to `per_scene` largest rigid parts of articulated objects
-    ('scene<seed>/part<p>'). `scene_kw` go to `make_clip` (e.g. `**CHAIRS`)."""
+    """Annotation tasks [(image, gt_mask, name)] from held-out synthetic scenes: up to `per_scene` largest
+    whole objects each ('scene<seed>/object<i>'), or with parts=True up to `per_scene` largest rigid parts
+    of articulated objects ('scene<seed>/part<p>'). `scene_kw` go to `make_clip` (e.g. `**CHAIRS`)."""
     from cmp_nb.synthetic import make_clip
     tasks = []
     for s in range(seed, seed + n_scenes):
@@ -272,10 +298,12 @@ def synthetic_tasks(n_scenes: int = 6, size=(256, 256), seed: int = ANNOTATION_S
         tasks += [(img, m, n) for m, n in cands]
     return tasks
 
+# %% ../nbs/08_annotate.ipynb #f4a641c5
 def photo_tasks(n_scenes: int = 6, size=(256, 256), seed: int = PHOTO_SEED, n_objects=(1, 3), area=(0.04, 0.25),
                 min_area: float = 0.01) -> list:
-    """Tasks [(image, gt_mask, name)] of objects pasted onto real photographs: a scikit-image photo (resized to `size`)
-    as background, 1-3 random shapes textured with other photos on top; exact masks of what stays visible."""
+    """Tasks [(image, gt_mask, name)] of objects pasted onto real photographs: a scikit-image photo (resized to
+    `size`) as background, 1-3 random shapes textured with other photos on top; exact masks of what stays
+    visible."""
     from cmp_nb.synthetic import texture_bank, random_texture, random_shape_mask, _COLOUR_PICTURES
     bank = texture_bank()
     backs = [n for n in sorted(bank) if n in _COLOUR_PICTURES] or sorted(bank)
@@ -286,9 +314,10 @@ def photo_tasks(n_scenes: int = 6, size=(256, 256), seed: int = PHOTO_SEED, n_ob
         rng = np.random.default_rng(s)
         name = backs[int(rng.integers(len(backs)))]
         bg = bank[name]
-        c = min(bg.shape[0], bg.shape[1] * H // W)                  # the largest crop of the photo with the scene's aspect
+        c = min(bg.shape[0], bg.shape[1] * H // W)        # the largest crop of the photo with the scene's aspect
         y0, x0 = int(rng.integers(0, bg.shape[0] - c + 1)), int(rng.integers(0, bg.shape[1] - c * W // H + 1))
-        img = cv2.resize(bg[y0:y0 + c, x0:x0 + c * W // H], (W, H), interpolation=cv2.INTER_AREA).astype(np.float32)
+        img = cv2.resize(bg[y0:y0 + c, x0:x0 + c * W // H], (W, H),
+                         interpolation=cv2.INTER_AREA).astype(np.float32)
         owner = np.zeros((H, W), np.int32)
         for i in range(1, int(rng.integers(n_objects[0], n_objects[1] + 1)) + 1):
             a = rng.uniform(*area) * H * W
@@ -305,15 +334,21 @@ def photo_tasks(n_scenes: int = 6, size=(256, 256), seed: int = PHOTO_SEED, n_ob
                   if (owner == i).mean() >= min_area]
     return tasks
 
-def annotation_sets(n_scenes: int = 6, size=(192, 192), per_scene: int = 2, seed: int = ANNOTATION_SEED + 100) -> dict:
-    "The three held-out test sets, reported separately: whole objects, articulated parts, objects on real photographs."
+# %% ../nbs/08_annotate.ipynb #d82c7b7a
+def annotation_sets(n_scenes: int = 6, size=(192, 192), per_scene: int = 2,
+                    seed: int = ANNOTATION_SEED + 100) -> dict:
+    """The three held-out test sets, reported separately: whole objects, articulated parts, objects on real
+    photographs."""
     return {'objects': synthetic_tasks(n_scenes, size, seed, per_scene=per_scene),
             'parts': synthetic_tasks(n_scenes, size, seed, per_scene=per_scene, parts=True),
             'photos': photo_tasks(n_scenes, size, PHOTO_SEED + (seed - ANNOTATION_SEED))}
 
-def annotation_benchmark(segmenters, tasks, n_clicks: int = MAX_CLICKS, report=(1, 3, 5), rule: str = 'standard') -> dict:
-    """Every segmenter ({name: Propagator or segmenter}, or one of them) on the same tasks [(image, gt, name)] with the
-    same click rule: {name: dict(click_metrics, mean_iou={k: mIoU after k clicks}, per_task, seconds_per_click)}."""
+# %% ../nbs/08_annotate.ipynb #d5fd890e
+def annotation_benchmark(segmenters, tasks, n_clicks: int = MAX_CLICKS, report=(1, 3, 5),
+                         rule: str = 'standard') -> dict:
+    """Every segmenter ({name: Propagator or segmenter}, or one of them) on the same tasks [(image, gt, name)]
+    with the same click rule: {name: dict(click_metrics, mean_iou={k: mIoU after k clicks}, per_task,
+    seconds_per_click)}."""
     if not isinstance(segmenters, dict): segmenters = {getattr(segmenters, 'name', 'CMP'): segmenters}
     if not tasks: raise ValueError('no annotation tasks')
     out = {}
@@ -322,10 +357,12 @@ def annotation_benchmark(segmenters, tasks, n_clicks: int = MAX_CLICKS, report=(
         per = {n: r['iou'] for n, r in runs.items()}
         secs = [s for r in runs.values() for s, c in zip(r['seconds'], range(len(r['clicks'])))]
         out[name] = dict(click_metrics(list(per.values()), max_clicks=n_clicks),
-                         mean_iou={k: float(np.mean([v[k - 1] for v in per.values()])) for k in report if k <= n_clicks},
+                         mean_iou={k: float(np.mean([v[k - 1] for v in per.values()]))
+                                   for k in report if k <= n_clicks},
                          per_task=per, seconds_per_click=float(np.mean(secs)) if secs else float('nan'))
     return out
 
+# %% ../nbs/08_annotate.ipynb #b1257738
 def results_table(results: dict, ks=(1, 3, 5)) -> str:
     "A markdown table of `annotation_benchmark` results ({test set: results}, or one result dict)."
     if results and 'mIoU' in next(iter(results.values())): results = {'': results}
@@ -334,8 +371,10 @@ def results_table(results: dict, ks=(1, 3, 5)) -> str:
     rows = ['| test set | method | objects | ' + ' | '.join(cols) + ' | s/click |', '|' + '---|' * (len(cols) + 4)]
     for ts, res in results.items():
         for name, r in res.items():
-            vals = [f'{r[c]:.2f}' if c.startswith('NoC') else str(r[c]) for c in cols[:5]] + [f'{r["mIoU"][k - 1]:.3f}' for k in ks]
-            rows.append(f'| {ts} | {name} | {len(r["per_task"])} | ' + ' | '.join(vals) + f' | {r["seconds_per_click"]:.3f} |')
+            vals = ([f'{r[c]:.2f}' if c.startswith('NoC') else str(r[c]) for c in cols[:5]]
+                    + [f'{r["mIoU"][k - 1]:.3f}' for k in ks])
+            rows.append(f'| {ts} | {name} | {len(r["per_task"])} | ' + ' | '.join(vals)
+                        + f' | {r["seconds_per_click"]:.3f} |')
     return '\n'.join(rows)
 
 # %% ../nbs/08_annotate.ipynb #ba6e0622
@@ -370,10 +409,11 @@ def rle_to_mask(rle) -> np.ndarray:
     r = dict(rle); r['counts'] = r['counts'].encode('ascii') if isinstance(r['counts'], str) else r['counts']
     return mask_utils.decode(r).astype(bool)
 
+# %% ../nbs/08_annotate.ipynb #db3f7af7
 def coco_export(images, categories, path=None) -> dict:
-    """COCO instance-segmentation JSON for annotated images: `images` = [dict(file_name, objects=[(mask, category), ...])]
-    (optionally height, width), `categories` = names (ids 1..). Masks are RLE-encoded (iscrowd 0), with area and bbox.
-    Writes it to `path` if given; returns the dict."""
+    """COCO instance-segmentation JSON for annotated images: `images` = [dict(file_name, objects=[(mask,
+    category), ...])] (optionally height, width), `categories` = names (ids 1..). Masks are RLE-encoded
+    (iscrowd 0), with area and bbox. Writes it to `path` if given; returns the dict."""
     import json
     cats = list(categories)
     if len(set(cats)) != len(cats): raise ValueError(f'category names repeat: {cats}')
@@ -384,16 +424,20 @@ def coco_export(images, categories, path=None) -> dict:
         objs = im.get('objects', [])
         shape = np.asarray(objs[0][0]).shape if objs else (im.get('height'), im.get('width'))
         if None in shape: raise ValueError(f"image {im['file_name']!r} has no objects: give its height and width")
-        out['images'].append(dict(id=img_id, file_name=str(im['file_name']), height=int(shape[0]), width=int(shape[1])))
+        out['images'].append(dict(id=img_id, file_name=str(im['file_name']), height=int(shape[0]),
+                                  width=int(shape[1])))
         for mask, cat in objs:
             m = np.asarray(mask, bool)
-            if m.shape != tuple(shape): raise ValueError(f"image {im['file_name']!r}: mask shape {m.shape} differs from {tuple(shape)}")
-            if cat not in cat_id: raise ValueError(f"image {im['file_name']!r}: unknown category {cat!r}; categories: {cats}")
+            if m.shape != tuple(shape):
+                raise ValueError(f"image {im['file_name']!r}: mask shape {m.shape} differs from {tuple(shape)}")
+            if cat not in cat_id:
+                raise ValueError(f"image {im['file_name']!r}: unknown category {cat!r}; categories: {cats}")
             if not m.any(): raise ValueError(f"image {im['file_name']!r}: an empty mask for {cat!r}")
             ys, xs = np.nonzero(m)
-            out['annotations'].append(dict(id=len(out['annotations']) + 1, image_id=img_id, category_id=cat_id[cat],
-                                           segmentation=mask_to_rle(m), area=int(m.sum()), iscrowd=0,
-                                           bbox=[int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]))
+            bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+            out['annotations'].append(dict(id=len(out['annotations']) + 1, image_id=img_id,
+                                           category_id=cat_id[cat], segmentation=mask_to_rle(m),
+                                           area=int(m.sum()), iscrowd=0, bbox=bbox))
     if path is not None:
         path = Path(path)
         if path.suffix.lower() != '.json': raise ValueError(f'COCO files are JSON, got {path.name}')
@@ -401,6 +445,7 @@ def coco_export(images, categories, path=None) -> dict:
         path.write_text(json.dumps(out))
     return out
 
+# %% ../nbs/08_annotate.ipynb #70f59e38
 def coco_load(path) -> list:
     "Read a COCO JSON with pycocotools: [dict(file_name, height, width, objects=[(mask, category), ...])]."
     from pycocotools.coco import COCO
@@ -410,7 +455,8 @@ def coco_load(path) -> list:
     with contextlib.redirect_stdout(io.StringIO()): coco = COCO(str(path))     # it prints progress
     names = {c['id']: c['name'] for c in coco.loadCats(coco.getCatIds())}
     return [dict(file_name=im['file_name'], height=im['height'], width=im['width'],
-                 objects=[(coco.annToMask(a).astype(bool), names[a['category_id']]) for a in coco.loadAnns(coco.getAnnIds(imgIds=im['id']))])
+                 objects=[(coco.annToMask(a).astype(bool), names[a['category_id']])
+                          for a in coco.loadAnns(coco.getAnnIds(imgIds=im['id']))])
             for im in coco.loadImgs(sorted(coco.getImgIds()))]
 
 # %% ../nbs/08_annotate.ipynb #227b38b4
@@ -424,13 +470,15 @@ def overlay_mask(image, mask, color=(0, 220, 0), alpha: float = 0.5) -> np.ndarr
     img[m & ~ndimage.binary_erosion(m, iterations=2)] = c
     return img.round().astype(np.uint8)
 
+# %% ../nbs/08_annotate.ipynb #9e24aa7b
 class AnnotationCanvas(FlowCanvas):
     "Click positive / negative points on an image; the object mask is shown over it and can be saved."
     def __init__(self, propagator, image, n_directions: int = 8, magnitude: float | None = None,
                  threshold: float = 0.5, connected: bool = True, **kwargs):
         if not hasattr(propagator, 'predict_many'):
             raise TypeError(f'propagator must be a cmp_nb Propagator, got {type(propagator).__name__}')
-        self.mask_kw = dict(n_directions=n_directions, magnitude=magnitude, threshold=threshold, connected=connected)
+        self.mask_kw = dict(n_directions=n_directions, magnitude=magnitude, threshold=threshold,
+                            connected=connected)
         self.mask = None
         super().__init__(propagator, image, mode='annotate', **kwargs)
 
@@ -438,10 +486,12 @@ class AnnotationCanvas(FlowCanvas):
         g = split_edits(edits)
         if len(g['arrow']) or len(g['static']): raise ValueError('annotation mode takes pos/neg clicks only')
         img = self.prop.image
-        if len(g['pos']): mask = click_mask(self.prop, g['pos'], g['neg'] if len(g['neg']) else None, **self.mask_kw)
+        if len(g['pos']):
+            mask = click_mask(self.prop, g['pos'], g['neg'] if len(g['neg']) else None, **self.mask_kw)
         else: mask = np.zeros(img.shape[:2], bool)
         picture = resize_image(overlay_mask(img, mask), self.disp_size)
-        info = f"{_plural(len(g['pos']), 'positive')}, {len(g['neg'])} negative, mask {100 * mask.mean():.1f}% of the image"
+        info = (f"{_plural(len(g['pos']), 'positive')}, {len(g['neg'])} negative, "
+                f"mask {100 * mask.mean():.1f}% of the image")
         return picture, info, dict(mask=mask)                # `mask` is set when the result is published
 
     def save_mask(self, path) -> Path:

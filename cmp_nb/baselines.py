@@ -16,7 +16,7 @@ from .propagator import as_points
 
 # %% auto #0
 __all__ = ['BASELINES', 'MEASURE_SEED', 'zero_flow', 'nearest_flow', 'epic_flow', 'smoothed_nearest_flow', 'deepest_point',
-           'measure_scenes', 'moved_region', 'drag_iou', 'guided_epe', 'magnitude_error', 'static_cut',
+           'measure_scenes', 'moved_region', 'drag_iou', 'guided_epe', 'magnitude_error', 'static_cut', 'drag_figures',
            'baseline_method', 'propagator_method', 'sintel_pair', 'sintel_epe', 'measure_all', 'figures_table']
 
 # %% ../nbs/03c_baselines.ipynb #f027d3be
@@ -30,6 +30,7 @@ def zero_flow(image, points) -> np.ndarray:
     "Nothing moves."
     return np.zeros(_check_image(image).shape[:2] + (2,), np.float32)
 
+# %% ../nbs/03c_baselines.ipynb #f4476abc
 def nearest_flow(image, points) -> np.ndarray:
     "Every pixel copies the vector of its nearest guided pixel (zero flow without guidance)."
     from cmp_nb.train import nearest_guidance_flow
@@ -38,7 +39,8 @@ def nearest_flow(image, points) -> np.ndarray:
 
 # %% ../nbs/03c_baselines.ipynb #318624d9
 def epic_flow(image, points, k: int = 4) -> np.ndarray:
-    "EPIC edge-aware interpolation (OpenCV contrib) of the points; nearest guidance below 3 points (see above)."
+    """EPIC edge-aware interpolation (OpenCV contrib) of the points; nearest guidance below 3 points (see
+    above)."""
     img, p = _check_image(image), as_points(points)
     if len(p) < 3: return nearest_flow(img, p)
     H, W = img.shape[:2]
@@ -48,6 +50,7 @@ def epic_flow(image, points, k: int = 4) -> np.ndarray:
     bgr = np.ascontiguousarray(img[..., ::-1])
     return ip.interpolate(bgr, xy, bgr, (xy + p[:, 2:]).astype(np.float32)).astype(np.float32)
 
+# %% ../nbs/03c_baselines.ipynb #90198f47
 def smoothed_nearest_flow(image, points, lam: float = 300., sigma_color: float = 8.) -> np.ndarray:
     "The nearest-guidance field smoothed by the image-guided fast global smoother (OpenCV contrib)."
     img = _check_image(image)
@@ -55,20 +58,21 @@ def smoothed_nearest_flow(image, points, lam: float = 300., sigma_color: float =
     if not f.any(): return f
     return cv2.ximgproc.fastGlobalSmootherFilter(np.ascontiguousarray(img[..., ::-1]), f, lam, sigma_color)
 
+# %% ../nbs/03c_baselines.ipynb #bc89fe35
 BASELINES = {'zero flow': zero_flow, 'nearest guidance': nearest_flow, 'EPIC': epic_flow,
              'nearest + FGS': smoothed_nearest_flow}
 
 # %% ../nbs/03c_baselines.ipynb #e6e2f47c
-MEASURE_SEED = 10 ** 9 + 1_000_000
-
 def deepest_point(mask, return_depth: bool = False) -> tuple:
-    "(x, y) of the pixel of a bool mask farthest from its boundary, the image border counting as boundary; (x, y, depth) if asked."
+    """(x, y) of the pixel of a bool mask farthest from its boundary, the image border counting as boundary;
+    (x, y, depth) if asked."""
     m = np.asarray(mask, bool)
     if not m.any(): raise ValueError('deepest_point: the mask is empty')
     d = distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
     y, x = np.unravel_index(int(np.argmax(d)), d.shape)
     return (int(x), int(y), float(d[y, x])) if return_depth else (int(x), int(y))
 
+# %% ../nbs/03c_baselines.ipynb #d238f4ce
 def _static_points(instances: np.ndarray, margin: int = 6) -> np.ndarray:
     "(N,4) zero-motion points on the background grid (every third of the frame), `margin` px from any object."
     H, W = instances.shape
@@ -77,9 +81,13 @@ def _static_points(instances: np.ndarray, margin: int = 6) -> np.ndarray:
     g = g[far[g[:, 1], g[:, 0]]]
     return np.concatenate([g, np.zeros_like(g)], 1).astype(np.float32)
 
+# %% ../nbs/03c_baselines.ipynb #77f0e034
+MEASURE_SEED = 10 ** 9 + 1_000_000
+
 def measure_scenes(n: int = 16, size: int = 192, seed: int = MEASURE_SEED, still: bool = True,
                    min_area: float = 0.02, min_motion: float = 2.0) -> list:
-    "Held-out scenes: dicts of image, flow, instances, parts, static points and drag targets (mask, arrow point)."
+    """Held-out scenes: dicts of image, flow, instances, parts, static points and drag targets (mask, arrow
+    point)."""
     from cmp_nb.synthetic import CHAIRS, make_clip
     if n < 1: raise ValueError(f'measure_scenes: n must be >= 1, got {n}')
     out = []
@@ -109,16 +117,20 @@ def moved_region(flow, arrow) -> np.ndarray:
     if n == 0: raise ValueError('moved_region: the arrow has zero length')
     return (flow[..., 0] * a[0] + flow[..., 1] * a[1]) / n >= 0.5 * n
 
+# %% ../nbs/03c_baselines.ipynb #054b446c
+def _scene_ious(predict, s) -> list:
+    """(a) for one scene: the IoU of each target's moved region (its arrow plus the static points) with its
+    mask."""
+    return [_iou(moved_region(predict(np.concatenate([t['point'][None], s['static']])), t['point']), t['mask'])
+            for t in s['targets']]
+
 def drag_iou(method, scenes) -> float:
     "(a) Mean IoU between the moved region of one arrow (plus static points) and its target's mask."
-    ious = []
-    for s in scenes:
-        predict = method(s['image'])
-        for t in s['targets']:
-            ious.append(_iou(moved_region(predict(np.concatenate([t['point'][None], s['static']])), t['point']), t['mask']))
+    ious = [v for s in scenes for v in _scene_ious(method(s['image']), s)]
     if not ious: raise ValueError('drag_iou: the scenes have no drag target')
     return float(np.mean(ious))
 
+# %% ../nbs/03c_baselines.ipynb #76a4e0fc
 def guided_epe(method, scenes) -> float:
     "(b) Mean end-point error with every target and the background grid guided by their true flow."
     errs = []
@@ -129,20 +141,28 @@ def guided_epe(method, scenes) -> float:
         errs.append(np.linalg.norm(method(s['image'])(pts) - s['flow'], axis=-1).mean())
     return float(np.mean(errs))
 
+# %% ../nbs/03c_baselines.ipynb #79ea0311
+def _scene_magnitude_errors(predict, s, lengths) -> dict:
+    "(d) for one scene: {length: [|predicted - arrow| / length at the arrow's pixel, one per target]}."
+    errs = {L: [] for L in lengths}
+    for t in s['targets']:
+        x, y = t['point'][:2].astype(int)
+        d = t['point'][2:] / np.hypot(*t['point'][2:])
+        for L in lengths:
+            a = np.array([x, y, *(d * L)], np.float32)
+            f = predict(np.concatenate([a[None], s['static']]))
+            errs[L].append(np.hypot(*(f[y, x] - a[2:])) / L)
+    return errs
+
 def magnitude_error(method, scenes, lengths=(5, 10, 20, 40)) -> dict:
-    "(d) {length: mean |predicted - arrow| / length at the arrow's pixel}, arrows along each target's true direction."
+    """(d) {length: mean |predicted - arrow| / length at the arrow's pixel}, arrows along each target's true
+    direction."""
     errs = {L: [] for L in lengths}
     for s in scenes:
-        predict = method(s['image'])
-        for t in s['targets']:
-            x, y = t['point'][:2].astype(int)
-            d = t['point'][2:] / np.hypot(*t['point'][2:])
-            for L in lengths:
-                a = np.array([x, y, *(d * L)], np.float32)
-                f = predict(np.concatenate([a[None], s['static']]))
-                errs[L].append(np.hypot(*(f[y, x] - a[2:])) / L)
+        for L, v in _scene_magnitude_errors(method(s['image']), s, lengths).items(): errs[L] += v
     return {L: float(np.mean(v)) for L, v in errs.items()}
 
+# %% ../nbs/03c_baselines.ipynb #36ff1187
 def _second_point(mask, x, y, min_dist: float = 8.):
     "(x, y) of the deepest pixel of `mask` at least `min_dist` px from (x, y), or None."
     yy, xx = np.mgrid[:mask.shape[0], :mask.shape[1]]
@@ -153,21 +173,39 @@ def _second_point(mask, x, y, min_dist: float = 8.):
     qy, qx = np.unravel_index(int(np.argmax(d)), d.shape)
     return int(qx), int(qy)
 
+# %% ../nbs/03c_baselines.ipynb #9ff12993
+def _scene_cuts(predict, s) -> list:
+    "(e) for one scene: `1 - |flow with a static click| / |flow without it|` at a click on each dragged part."
+    cuts = []
+    for t in s['targets']:
+        x, y = t['point'][:2].astype(int)
+        q = _second_point(t['mask'], x, y)
+        if q is None: continue
+        base = np.concatenate([t['point'][None], s['static']])
+        without = np.hypot(*predict(base)[q[1], q[0]])
+        if without < 1: continue
+        with_ = np.hypot(*predict(np.concatenate([base, [[q[0], q[1], 0, 0]]]))[q[1], q[0]])
+        cuts.append(1 - with_ / without)
+    return cuts
+
 def static_cut(method, scenes) -> float:
     "(e) Mean `1 - |flow with a static click| / |flow without it|` at a click on the dragged part."
-    cuts = []
+    cuts = [v for s in scenes for v in _scene_cuts(method(s['image']), s)]
+    return float(np.mean(cuts)) if cuts else float('nan')
+
+# %% ../nbs/03c_baselines.ipynb #5ead6752
+def drag_figures(method, scenes, lengths=(5, 10, 20, 40)) -> dict:
+    """(a), (d), (e) with each image bound (encoded) once: {'drag_iou', 'mag_err_<L>px' per length,
+    'static_cut'}."""
+    ious, errs, cuts = [], {L: [] for L in lengths}, []
     for s in scenes:
         predict = method(s['image'])
-        for t in s['targets']:
-            x, y = t['point'][:2].astype(int)
-            q = _second_point(t['mask'], x, y)
-            if q is None: continue
-            base = np.concatenate([t['point'][None], s['static']])
-            without = np.hypot(*predict(base)[q[1], q[0]])
-            if without < 1: continue
-            with_ = np.hypot(*predict(np.concatenate([base, [[q[0], q[1], 0, 0]]]))[q[1], q[0]])
-            cuts.append(1 - with_ / without)
-    return float(np.mean(cuts)) if cuts else float('nan')
+        ious += _scene_ious(predict, s)
+        for L, v in _scene_magnitude_errors(predict, s, lengths).items(): errs[L] += v
+        cuts += _scene_cuts(predict, s)
+    if not ious: raise ValueError('drag_iou: the scenes have no drag target')
+    return {'drag_iou': float(np.mean(ious)), **{f'mag_err_{L}px': float(np.mean(v)) for L, v in errs.items()},
+            'static_cut': float(np.mean(cuts)) if cuts else float('nan')}
 
 # %% ../nbs/03c_baselines.ipynb #bacd07ae
 def baseline_method(fn):
@@ -199,8 +237,10 @@ def sintel_pair(root, render_pass: str = 'clean', short_side: int = 416, crop: i
     sl = (slice(y0, y0 + crop), slice(x0, x0 + crop))
     return np.ascontiguousarray(img[sl]), np.ascontiguousarray(flow[sl], np.float32), valid[sl]
 
+# %% ../nbs/03c_baselines.ipynb #a055461b
 def sintel_epe(method, pair, nms_ks: int = 81, grid_stride: int = 200, seeds=range(10)) -> tuple[float, float]:
-    "(c) (mean EPE over valid pixels, mean number of points) with guidance sampled from the true flow, over seeds."
+    """(c) (mean EPE over valid pixels, mean number of points), guidance sampled from the true flow, over
+    seeds."""
     img, flow, valid = pair
     predict, errs, counts = method(img), [], []
     for sd in seeds:
@@ -211,9 +251,12 @@ def sintel_epe(method, pair, nms_ks: int = 81, grid_stride: int = 200, seeds=ran
     return float(np.mean(errs)), float(np.mean(counts))
 
 # %% ../nbs/03c_baselines.ipynb #038088c2
-def measure_all(methods: dict, n_scenes: int = 48, sintel_root=None, size: int = 192, progress: bool = False) -> dict:
-    "{method: {figure: value}} for figures (a) drag IoU, (b) guided EPE, (c) Sintel EPEs, (d) magnitude errors, (e) static cut."
-    drag, moving = measure_scenes(n_scenes, size), measure_scenes(n_scenes, size, seed=MEASURE_SEED + 50_000, still=False)
+def measure_all(methods: dict, n_scenes: int = 48, sintel_root=None, size: int = 192,
+                progress: bool = False) -> dict:
+    """{method: {figure: value}} for figures (a) drag IoU, (b) guided EPE, (c) Sintel EPEs, (d) magnitude errors,
+    (e) static cut."""
+    drag = measure_scenes(n_scenes, size)
+    moving = measure_scenes(n_scenes, size, seed=MEASURE_SEED + 50_000, still=False)
     pairs = {p: sintel_pair(sintel_root, p) for p in ('clean', 'final')} if sintel_root is not None else {}
     rows = {}
     items = methods.items()
@@ -221,11 +264,11 @@ def measure_all(methods: dict, n_scenes: int = 48, sintel_root=None, size: int =
         from tqdm.auto import tqdm
         items = tqdm(items, total=len(methods), desc='methods')
     for name, m in items:
-        r = {'drag_iou': drag_iou(m, drag), 'guided_epe': guided_epe(m, moving)}
+        d = drag_figures(m, drag)
+        r = {'drag_iou': d.pop('drag_iou'), 'guided_epe': guided_epe(m, moving)}
         for p, pair in pairs.items():
             for K, G in ((81, 200), (31, 80)): r[f'sintel_{p}_K{K}_G{G}'] = sintel_epe(m, pair, K, G)[0]
-        r.update({f'mag_err_{L}px': v for L, v in magnitude_error(m, drag).items()})
-        r['static_cut'] = static_cut(m, drag)
+        r.update(d)                             # mag_err_<L>px ..., static_cut: the tables' column order
         rows[name] = r
     return rows
 
@@ -234,4 +277,5 @@ def figures_table(rows: dict) -> str:
     "A markdown table of `measure_all` rows (methods as rows, figures as columns)."
     cols = list(next(iter(rows.values())))
     head = '| method | ' + ' | '.join(cols) + ' |\n|---|' + '---|' * len(cols) + '\n'
-    return head + ''.join(f'| {k} | ' + ' | '.join(f'{v:.3f}' for v in r.values()) + ' |\n' for k, r in rows.items())
+    return head + ''.join(f'| {k} | ' + ' | '.join(f'{v:.3f}' for v in r.values()) + ' |\n'
+                          for k, r in rows.items())

@@ -17,7 +17,8 @@ from .flow import flow_to_color
 from .baselines import deepest_point
 
 # %% auto #0
-__all__ = ['REPO', 'QUICKSTART_CONFIG', 'QUICKSTART_MODEL', 'PHOTO_DRAGS', 'arrow_sets', 'save_pictures', 'drag_photo', 'main']
+__all__ = ['REPO', 'QUICKSTART_CONFIG', 'QUICKSTART_MODEL', 'PHOTO_DRAGS', 'arrow_sets', 'save_pictures', 'picture_flow',
+           'drag_photo', 'main']
 
 # %% ../nbs/09_demo.ipynb #c006
 REPO = Path(__file__).resolve().parents[1] if '__file__' in globals() else Path('..').resolve()
@@ -40,11 +41,13 @@ def arrow_sets(scene_seed: int, size: int = 192, nms_ks: int = 31, grid_stride: 
     bg = g[~obj[g[:, 1], g[:, 0]] & (inst[g[:, 1], g[:, 0]] == 0)]
     static = np.concatenate([bg, np.zeros_like(bg)], 1).astype(np.float32)
     drag = lambda u, v: np.concatenate([np.array([[x, y, u, v]], np.float32), static], 0)
+    all_static = np.concatenate([static, [[x, y, 0, 0]]], 0).astype(np.float32)
     return {'image': img, 'flow': flow, 'sets': {'sampled': sampled, 'drag_right': drag(8, 0),
-            'drag_up_left': drag(-6, -6), 'all_static': np.concatenate([static, [[x, y, 0, 0]]], 0).astype(np.float32)}}
+            'drag_up_left': drag(-6, -6), 'all_static': all_static}}
 
 # %% ../nbs/09_demo.ipynb #c012
-def save_pictures(model, scene_seeds, out_dir, prefix: str, size: int = 192, nms_ks: int = 31, grid_stride: int = 80) -> list:
+def save_pictures(model, scene_seeds, out_dir, prefix: str, size: int = 192, nms_ks: int = 31,
+                  grid_stride: int = 80) -> list:
     "PNG pictures of the model's predictions for the arrow sets of each scene; returns the paths."
     import matplotlib; matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
@@ -66,6 +69,30 @@ def save_pictures(model, scene_seeds, out_dir, prefix: str, size: int = 192, nms
             fig.savefig(p, dpi=80); plt.close(fig); paths.append(p)
     return paths
 
+# %% ../nbs/09_demo.ipynb #5f928971
+def picture_flow(png, fig, xy, max_mag: float, ring=(6, 10), dpi: int = 80) -> np.ndarray:
+    """(u, v) that a saved picture shows next to image point `xy` = (x, y) in its flow panel `fig.axes[1]` (`fig`
+    laid out as when it was saved at `dpi`): the median, over a ring of `ring` PNG pixels around the point, of the
+    vectors whose colour at `max_mag` is nearest to each pixel; dark pixels (drawn arrows) are left out."""
+    from PIL import Image
+    pic = np.asarray(Image.open(png).convert('RGB')) if isinstance(png, (str, Path)) else np.asarray(png)
+    g = np.linspace(-max_mag, max_mag, 81, dtype=np.float32)
+    uv = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
+    wheel = flow_to_color(uv[None], max_mag=max_mag)[0].astype(np.float32)
+    fig.canvas.draw()                                              # the layout (aspect, tight_layout) as saved
+    cx, cy = fig.axes[1].transData.transform([xy])[0] * dpi / fig.dpi
+    cy = pic.shape[0] - cy                                          # display y points up, PNG rows down
+    yy, xx = np.mgrid[-ring[1]:ring[1] + 1, -ring[1]:ring[1] + 1]
+    on = (xx ** 2 + yy ** 2 >= ring[0] ** 2) & (xx ** 2 + yy ** 2 <= ring[1] ** 2)
+    rows, cols = np.round(cy - 0.5 + yy[on]).astype(int), np.round(cx - 0.5 + xx[on]).astype(int)
+    if rows.min() < 0 or cols.min() < 0 or rows.max() >= pic.shape[0] or cols.max() >= pic.shape[1]:
+        raise ValueError(f'picture_flow: point {tuple(xy)} maps outside the {pic.shape[1]}x{pic.shape[0]} '
+                         'picture')
+    rgb = pic[rows, cols]
+    rgb = rgb[rgb.max(1) > 100].astype(np.float32)
+    if not len(rgb): raise ValueError(f'picture_flow: only dark pixels around {tuple(xy)}')
+    return np.median(uv[np.argmin(((rgb[:, None] - wheel[None]) ** 2).sum(-1), 1)], 0)
+
 # %% ../nbs/09_demo.ipynb #c0ee2776
 PHOTO_DRAGS = {   # picture: (arrow (x0, y0, x1, y1), static clicks (x, y), what the arrow is on)
     'astronaut': ((420, 440, 446, 440), [(150, 360), (60, 60), (470, 120)], "the helmet, dragged right"),
@@ -74,10 +101,12 @@ PHOTO_DRAGS = {   # picture: (arrow (x0, y0, x1, y1), static clicks (x, y), what
     'rocket': ((322, 260, 322, 235), [(60, 250), (585, 250), (200, 60)], "the rocket, dragged up"),
 }
 
+# %% ../nbs/09_demo.ipynb #37204105
 def drag_photo(prop, name: str, fig=None):
     "(image, points (x,y,u,v), flow, figure) for the drag `PHOTO_DRAGS[name]` through a `Propagator`."
     import skimage.data
-    if name not in PHOTO_DRAGS: raise ValueError(f'unknown photo {name!r}; photos: {", ".join(PHOTO_DRAGS)}')
+    if name not in PHOTO_DRAGS:
+        raise ValueError(f'unknown photo {name!r}; photos: {", ".join(PHOTO_DRAGS)}')
     arrow, static, what = PHOTO_DRAGS[name]
     image = getattr(skimage.data, name)()
     pts = as_points(arrows=[arrow], static=static)
@@ -86,7 +115,6 @@ def drag_photo(prop, name: str, fig=None):
     fig = show_prediction(image, pts, flow, title=f'{name}: {what}', max_mag=float(mag), fig=fig)
     return image, pts, flow, fig
 
-
 # %% ../nbs/09_demo.ipynb #c015
 def _table(rows: dict) -> str:
     lines = [f"{'model':34s} {'EPE':>7s} {'zero flow':>10s} {'nearest guidance':>17s}"]
@@ -94,16 +122,19 @@ def _table(rows: dict) -> str:
         lines.append(f"{name:34s} {r['epe']:7.3f} {r['epe_zero']:10.3f} {r['epe_nearest']:17.3f}")
     return '\n'.join(lines)
 
+# %% ../nbs/09_demo.ipynb #dcd64c37
 def main(argv=None) -> int:
     "Console script `cmp_demo`."
-    p = argparse.ArgumentParser(prog='cmp_demo', description='Train the quickstart CMP model briefly on synthetic scenes, '
-                                'then show what it and the shipped default model predict for a few arrow sets and on real photos.')
+    p = argparse.ArgumentParser(prog='cmp_demo', description='Train the quickstart CMP model briefly on '
+                                'synthetic scenes, then show what it and the shipped default model predict for a '
+                                'few arrow sets and on real photos.')
     p.add_argument('--out', default='outputs/demo', help='output folder (default outputs/demo)')
-    p.add_argument('--iters', type=int, default=200, help='iterations of the short training run (default 200: a few '
-                   'minutes on a 2-core CPU; the full quickstart run has 1000); 0 skips training')
-    p.add_argument('--config', default=str(QUICKSTART_CONFIG), help='training config (default configs/quickstart.yaml)')
-    p.add_argument('--weights', default='default', help="shipped model to show as well: a weights name or a checkpoint "
-                   "path (default: 'default', the project's default model)")
+    p.add_argument('--iters', type=int, default=200, help='iterations of the short training run (default 200: '
+                   'a few minutes on a 2-core CPU; the full quickstart run has 1000); 0 skips training')
+    p.add_argument('--config', default=str(QUICKSTART_CONFIG),
+                   help='training config (default configs/quickstart.yaml)')
+    p.add_argument('--weights', default='default', help="shipped model to show as well: a weights name or a "
+                   "checkpoint path (default: 'default', the project's default model)")
     p.add_argument('--val-size', type=int, default=64, help='held-out scenes for the EPEs (default 64)')
     p.add_argument('--scenes', type=int, default=2, help='held-out scenes to draw (default 2)')
     p.add_argument('overrides', nargs='*', metavar='key=value', help='extra config overrides for the short run')
@@ -120,11 +151,11 @@ def main(argv=None) -> int:
     models, results = {}, {}
     if a.iters > 0:
         run = dict(cfg, train={**cfg['train'], 'iters': a.iters}, data={**cfg['data'], 'val_size': 0},
-                   ckpt={**cfg['ckpt'], 'run_dir': str(out / 'run'), 'every': max(50, a.iters // 4), 'resume': None,
-                             'overwrite': True},   # the demo's own run dir: a rerun starts over
+                   ckpt={**cfg['ckpt'], 'run_dir': str(out / 'run'), 'every': max(50, a.iters // 4),
+                         'resume': None, 'overwrite': True},   # the demo's own run dir: a rerun starts over
                    log={**cfg['log'], 'val_every': 0, 'image_every': a.iters})
-        print(f'cmp_demo: training the quickstart model for {a.iters} iterations (a shortened run; the full one is '
-              f'`cmp_train --config configs/quickstart.yaml`, {cfg["train"]["iters"]} iterations)', flush=True)
+        print(f'cmp_demo: training the quickstart model for {a.iters} iterations (a shortened run; the full one '
+              f'is `cmp_train --config configs/quickstart.yaml`, {cfg["train"]["iters"]} iterations)', flush=True)
         t0 = time.time()
         train(run)
         print(f'cmp_demo: short run took {(time.time() - t0) / 60:.1f} min', flush=True)
@@ -148,9 +179,10 @@ def main(argv=None) -> int:
             prop = Propagator(model, device='cpu')                    # at the model's training scale
             for photo in PHOTO_DRAGS:
                 fig = drag_photo(prop, photo)[3]
-                pictures.append(out / f'shipped_photo_{photo}.png'); fig.savefig(pictures[-1], dpi=80); plt.close(fig)
-    print(f'\nEPE in pixels on {a.val_size} held-out synthetic scenes ({D["crop"]}x{D["crop"]}, guidance K={D["nms_ks"]}, '
-          f'G={D["grid_stride"]}):')
+                pictures.append(out / f'shipped_photo_{photo}.png')
+                fig.savefig(pictures[-1], dpi=80); plt.close(fig)
+    print(f'\nEPE in pixels on {a.val_size} held-out synthetic scenes ({D["crop"]}x{D["crop"]}, '
+          f'guidance K={D["nms_ks"]}, G={D["grid_stride"]}):')
     print(_table(results))
     (out / 'summary.json').write_text(json.dumps({'iters': a.iters, 'val_size': a.val_size, 'results': results,
                                                   'pictures': [str(q) for q in pictures]}, indent=1))

@@ -28,7 +28,8 @@ def check_image_pair(img1, img2):
 
 # %% ../nbs/04a_estimate.ipynb #d5eddff7
 class FlowEstimator:
-    "Base of all estimators: `est(img1, img2)` -> (H,W,2) float32 flow; `est.estimate_batch(imgs1, imgs2)` -> list of flows."
+    """Base of all estimators: `est(img1, img2)` -> (H,W,2) float32 flow;
+    `est.estimate_batch(imgs1, imgs2)` -> list of flows."""
     name = 'base'
     def __call__(self, img1, img2) -> np.ndarray:
         check_image_pair(img1, img2)
@@ -38,7 +39,8 @@ class FlowEstimator:
         "Flows for the pairs `zip(imgs1, imgs2)` (lists or (B,H,W,3) arrays; pairs may differ in size)."
         imgs1, imgs2 = list(imgs1), list(imgs2)
         if len(imgs1) != len(imgs2):
-            raise ValueError(f'estimate_batch needs as many first as second images, got {len(imgs1)} and {len(imgs2)}')
+            raise ValueError(f'estimate_batch needs as many first as second images, '
+                             f'got {len(imgs1)} and {len(imgs2)}')
         for a, b in zip(imgs1, imgs2): check_image_pair(a, b)
         return self._estimate(imgs1, imgs2) if imgs1 else []
 
@@ -52,10 +54,13 @@ DIS_PRESETS = {'ultrafast': cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
 _DIS_PARAMS = {'finest_scale': 'setFinestScale', 'patch_size': 'setPatchSize', 'patch_stride': 'setPatchStride',
                'gradient_descent_iterations': 'setGradientDescentIterations',
                'variational_refinement_iterations': 'setVariationalRefinementIterations',
-               'use_mean_normalization': 'setUseMeanNormalization', 'use_spatial_propagation': 'setUseSpatialPropagation'}
+               'use_mean_normalization': 'setUseMeanNormalization',
+               'use_spatial_propagation': 'setUseSpatialPropagation'}
 
+# %% ../nbs/04a_estimate.ipynb #78f761d4
 class DISEstimator(FlowEstimator):
-    "OpenCV DIS optical flow on the grey images; `preset` in DIS_PRESETS, extra keywords tune single parameters."
+    """OpenCV DIS optical flow on the grey images; `preset` in DIS_PRESETS, extra keywords tune single
+    parameters."""
     presets = tuple(DIS_PRESETS)
     def __init__(self, preset: str = 'medium', **params):
         if preset not in DIS_PRESETS:
@@ -68,11 +73,13 @@ class DISEstimator(FlowEstimator):
 
     def _estimate(self, imgs1, imgs2):
         grey = lambda im: cv2.cvtColor(im, cv2.COLOR_RGB2GRAY)
-        return [self.dis.calc(grey(a), grey(b), None).astype(np.float32, copy=False) for a, b in zip(imgs1, imgs2)]
+        return [self.dis.calc(grey(a), grey(b), None).astype(np.float32, copy=False)
+                for a, b in zip(imgs1, imgs2)]
 
 # %% ../nbs/04a_estimate.ipynb #bf861527
 def pad_to_multiple(x: torch.Tensor, multiple: int = 8, min_size: int = 0):
-    "Replicate-pad (B,C,H,W) `x` so H, W are multiples of `multiple` and at least `min_size`; returns (padded, pads=(left,right,top,bottom))."
+    """Replicate-pad (B,C,H,W) `x` so H, W are multiples of `multiple` and at least `min_size`;
+    returns (padded, pads=(left,right,top,bottom))."""
     h, w = x.shape[-2:]
     ph, pw = max(-h % multiple, min_size - h), max(-w % multiple, min_size - w)
     ph, pw = ph + -(h + ph) % multiple, pw + -(w + pw) % multiple
@@ -97,8 +104,10 @@ def raft_weight_files(name: str) -> list:
     urls = [enum.DEFAULT.url] + [w.url for w in enum if w.url != enum.DEFAULT.url]
     return [u.rsplit('/', 1)[-1] for u in dict.fromkeys(urls)]
 
+# %% ../nbs/04a_estimate.ipynb #9757ff6f
 def find_raft_weights(name: str, weights=None) -> Path:
-    "Path of the weights for RAFT model `name`: the file `weights`, else the first of torchvision's files found in its cache dir."
+    """Path of the weights for RAFT model `name`: the file `weights`, else the first of torchvision's files
+    found in its cache dir."""
     if weights is not None:
         p = Path(weights).expanduser()
         if not p.is_file(): raise WeightsNotAvailableError(f'{name} weights file {p} does not exist')
@@ -107,23 +116,30 @@ def find_raft_weights(name: str, weights=None) -> Path:
     for f in files:
         if (ckpt/f).is_file(): return ckpt/f
     raise WeightsNotAvailableError(
-        f'{name} weights not available: looked for {", ".join(files)} in {ckpt} (torch.hub.get_dir()/checkpoints). '
+        f'{name} weights not available: looked for {", ".join(files)} in {ckpt} '
+        f'(torch.hub.get_dir()/checkpoints). '
         f'cmp_nb never downloads weights. To provide them, download {files[0]} from torchvision '
-        f'(e.g. on a machine with internet: torchvision.models.optical_flow.{name}(weights="DEFAULT")), then either '
+        f'(e.g. on a machine with internet: torchvision.models.optical_flow.{name}(weights="DEFAULT")), '
+        f'then either '
         f'copy it into {ckpt} (or set TORCH_HOME to a folder holding hub/checkpoints/{files[0]}) '
-        f'or pass its path: get_estimator("{name}", weights="/path/to/{files[0]}") / cmp_prepare --weights PATH.')
+        f'or pass its path: get_estimator("{name}", weights="/path/to/{files[0]}") '
+        f'/ cmp_prepare --weights PATH.')
 
 # %% ../nbs/04a_estimate.ipynb #eea55d54
 def _load_state_dict(path):
     sd = torch.load(path, map_location='cpu', weights_only=True)
     for k in ('state_dict', 'model'):
         if isinstance(sd, dict) and isinstance(sd.get(k), dict): sd = sd[k]
-    if not isinstance(sd, dict): raise ValueError(f'{path} does not hold a state dict (got {type(sd).__name__})')
+    if not isinstance(sd, dict):
+        raise ValueError(f'{path} does not hold a state dict (got {type(sd).__name__})')
     return {k.removeprefix('module.'): v for k, v in sd.items()}
 
+# %% ../nbs/04a_estimate.ipynb #57e894e4
 class RAFTEstimator(FlowEstimator):
-    "torchvision RAFT (`name` raft_small | raft_large) with weights from `weights` or torchvision's cache; batched on `device`."
-    def __init__(self, name: str = 'raft_small', weights=None, device=None, num_flow_updates: int = 12, batch_size: int = 4):
+    """torchvision RAFT (`name` raft_small | raft_large) with weights from `weights` or torchvision's cache;
+    batched on `device`."""
+    def __init__(self, name: str = 'raft_small', weights=None, device=None, num_flow_updates: int = 12,
+                 batch_size: int = 4):
         from torchvision.models import optical_flow as of
         self.weights_path = find_raft_weights(name, weights)
         self.model = {'raft_small': of.raft_small, 'raft_large': of.raft_large}[name](weights=None)
@@ -132,17 +148,21 @@ class RAFTEstimator(FlowEstimator):
         shapes = [k for k in want.keys() & sd.keys() if tuple(want[k].shape) != tuple(sd[k].shape)]
         if missing or extra or shapes:
             eg = (missing or extra or shapes)[0]
-            raise ValueError(f'{self.weights_path} does not hold {name} weights: {len(missing)} tensors missing, '
-                             f'{len(extra)} unexpected, {len(shapes)} of the wrong shape (e.g. {eg})')
+            raise ValueError(f'{self.weights_path} does not hold {name} weights: '
+                             f'{len(missing)} tensors missing, {len(extra)} unexpected, '
+                             f'{len(shapes)} of the wrong shape (e.g. {eg})')
         self.model.load_state_dict(sd)
-        if batch_size < 1 or num_flow_updates < 1: raise ValueError(f'batch_size and num_flow_updates must be >= 1, got {batch_size}, {num_flow_updates}')
+        if batch_size < 1 or num_flow_updates < 1:
+            raise ValueError(f'batch_size and num_flow_updates must be >= 1, '
+                             f'got {batch_size}, {num_flow_updates}')
         self.name, self.num_flow_updates, self.batch_size = name, num_flow_updates, batch_size
         self.device = pick_device('auto' if device is None else device)
         self.model.eval().to(self.device)
 
     @torch.inference_mode()
     def _run(self, imgs1, imgs2):
-        to_t = lambda ims: torch.from_numpy(np.stack(ims)).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        to_t = lambda ims: (torch.from_numpy(np.stack(ims)).to(self.device).permute(0, 3, 1, 2).float()
+                            / 127.5 - 1)
         x1, pads = pad_to_multiple(to_t(imgs1), 8, 128); x2, _ = pad_to_multiple(to_t(imgs2), 8, 128)
         flow = unpad(self.model(x1, x2, num_flow_updates=self.num_flow_updates)[-1], pads)
         return list(flow.permute(0, 2, 3, 1).float().cpu().numpy())
@@ -153,7 +173,8 @@ class RAFTEstimator(FlowEstimator):
         for idx in groups.values():
             for s in range(0, len(idx), self.batch_size):
                 chunk = idx[s:s + self.batch_size]
-                for i, f in zip(chunk, self._run([imgs1[i] for i in chunk], [imgs2[i] for i in chunk])): out[i] = f
+                flows = self._run([imgs1[i] for i in chunk], [imgs2[i] for i in chunk])
+                for i, f in zip(chunk, flows): out[i] = f
         return out
 
 # %% ../nbs/04a_estimate.ipynb #977637bf
@@ -162,7 +183,9 @@ ESTIMATORS = {'dis': DISEstimator,
               'raft_large': lambda **kw: RAFTEstimator('raft_large', **kw)}
 
 def get_estimator(name='dis', **kw) -> FlowEstimator:
-    "Estimator by name: 'dis' (default; kw preset='ultrafast'|'fast'|'medium'), 'raft_small', 'raft_large' (kw weights, device, ...)."
+    """Estimator by name: 'dis' (default; kw preset='ultrafast'|'fast'|'medium'), 'raft_small', 'raft_large'
+    (kw weights, device, ...)."""
     if isinstance(name, FlowEstimator): return name
-    if name not in ESTIMATORS: raise ValueError(f'unknown flow estimator {name!r}; choose one of {list(ESTIMATORS)}')
+    if name not in ESTIMATORS:
+        raise ValueError(f'unknown flow estimator {name!r}; choose one of {list(ESTIMATORS)}')
     return ESTIMATORS[name](**kw)

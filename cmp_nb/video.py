@@ -24,6 +24,7 @@ def arrows_to_paths(arrows, steps: int = 8) -> np.ndarray:
     t = np.linspace(0, 1, int(steps) + 1, dtype=np.float32)
     return a[:, None, :2] + t[None, :, None] * a[:, None, 2:]
 
+# %% ../nbs/07_video.ipynb #e7c5995f
 def check_paths(paths) -> np.ndarray:
     "Paths as a float32 (N, T+1, 2) array, T >= 1; ValueError naming the problem otherwise."
     try: p = np.asarray(paths, dtype=np.float32)
@@ -83,7 +84,8 @@ def render_frame(image, flow, holes: str = 'inpaint', tau: float = 0.25):
 def guided_video(prop, image, arrows=None, paths=None, static=None, steps: int = 8,
                  mode: str = 'source', holes: str = 'inpaint', return_flows: bool = False):
     "Frames (T+1, H, W, 3) uint8 of the image moved along arrows (or paths) by a Propagator's predicted flow."
-    if mode not in ('source', 'recurrent'): raise ValueError(f"mode must be 'source' or 'recurrent', got {mode!r}")
+    if mode not in ('source', 'recurrent'):
+        raise ValueError(f"mode must be 'source' or 'recurrent', got {mode!r}")
     if (arrows is None) == (paths is None): raise ValueError('give exactly one of arrows= or paths=')
     p = check_paths(arrows_to_paths(arrows, steps) if arrows is not None else paths)
     st = as_points(static=static)[:, :2]
@@ -109,23 +111,27 @@ def guided_video(prop, image, arrows=None, paths=None, static=None, steps: int =
 def frame_strip(frames, n: int = 6, gap: int = 4) -> np.ndarray:
     "One image: `n` frames evenly picked from the video, side by side with white gaps."
     frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3: raise ValueError(f'frames must be (T, H, W, 3), got {frames.shape}')
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f'frames must be (T, H, W, 3), got {frames.shape}')
     idx = np.unique(np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int))
     H = frames.shape[1]
     parts = []
     for i in idx: parts += [frames[i], np.full((H, gap, 3), 255, np.uint8)]
     return np.concatenate(parts[:-1], 1)
 
+# %% ../nbs/07_video.ipynb #d515db55
 def save_frames(frames, out_dir, prefix: str = 'frame') -> list:
     "Write frames as PNG files `prefix_000.png`...; returns the paths."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, f in enumerate(frames):
         p = out / f'{prefix}_{i:03d}.png'
-        if not cv2.imwrite(str(p), cv2.cvtColor(np.asarray(f), cv2.COLOR_RGB2BGR)): raise OSError(f'could not write {p}')
+        if not cv2.imwrite(str(p), cv2.cvtColor(np.asarray(f), cv2.COLOR_RGB2BGR)):
+            raise OSError(f'could not write {p}')
         paths.append(p)
     return paths
 
+# %% ../nbs/07_video.ipynb #956b6a17
 def save_gif(frames, path, fps: float = 8, loop: int = 0) -> Path:
     "Animated GIF (loops forever by default)."
     from PIL import Image
@@ -135,6 +141,7 @@ def save_gif(frames, path, fps: float = 8, loop: int = 0) -> Path:
     ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(round(1000 / fps)), loop=loop)
     return path
 
+# %% ../nbs/07_video.ipynb #99cdb7d0
 def save_mp4(frames, path, fps: float = 8, crf: int = 18) -> Path:
     "H.264 MP4 (yuv420p, plays everywhere); odd sizes are padded to even."
     frames = np.asarray(frames)
@@ -143,4 +150,5 @@ def save_mp4(frames, path, fps: float = 8, crf: int = 18) -> Path:
     ph, pw = frames.shape[1] % 2, frames.shape[2] % 2
     if ph or pw: frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode='edge')
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    return write_video(path, frames, fps=int(round(fps)), crf=crf, codec='libx264', pix_fmt='yuv420p')   # checks uint8
+    return write_video(path, frames, fps=int(round(fps)), crf=crf, codec='libx264',   # checks uint8
+                       pix_fmt='yuv420p')

@@ -18,7 +18,8 @@ def prop():
 
 
 def test_negative_click_inside_a_false_positive_removes_it(prop):
-    "On each held-out object whose one-click mask spills over: a negative click deepest in the spill cuts it there."
+    """On each held-out object whose one-click mask spills over: a negative click deepest in the spill cuts it
+    there."""
     seen = 0
     for img, gt, name in synthetic_tasks(4, (192, 192), per_scene=2) + photo_tasks(4, (192, 192)):
         prop.set_image(img)
@@ -27,14 +28,16 @@ def test_negative_click_inside_a_false_positive_removes_it(prop):
         if fp.sum() < 20: continue
         n = deepest_point(fp)
         m = click_mask(prop, [p], [n])
-        assert not m[n[1], n[0]], name
+        assert not m[n[1], n[0]], f'{name}: the negative click at {n} is still in the mask'
         assert (m & fp).sum() < 0.5 * fp.sum(), (name, int((m & fp).sum()), int(fp.sum()))
         seen += 1
     assert seen >= 1, 'no held-out object had a false-positive region to cut'
 
 
 def test_bench_annotate_runs(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'bench_annotate.py'), '--scenes', '1', '--clicks', '2',
-                          '--per-scene', '1', '--json', str(tmp_path / 'r.json')], capture_output=True, text=True, timeout=900)
+    out = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'bench_annotate.py'), '--scenes', '1',
+                          '--clicks', '2', '--per-scene', '1', '--json', str(tmp_path / 'r.json')],
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert '| objects | CMP |' in out.stdout and 'GrabCut' in out.stdout and 'random walker' in out.stdout
+    for row in ('| objects | CMP |', 'GrabCut', 'random walker'):
+        assert row in out.stdout, f'{row!r} is not in the benchmark table:\n{out.stdout[-2000:]}'
