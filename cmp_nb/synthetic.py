@@ -425,7 +425,9 @@ def _cube_motion(rng, n_frames, size, side, max_shift, max_angle, min_face):
     for _ in range(1000):
         R0 = random_rotation(rng)
         if np.sort(-(R0 @ CUBE_FACES[:, 0].T)[2])[-3] >= min_face: break  # third-largest facing component
-    axis, omega = rng.normal(size=3), rng.uniform(0.3, 1.0) * max_angle * rng.choice([-1, 1])
+    a = rng.uniform(0, 2 * np.pi)                                # mostly out of the image plane: an in-plane
+    axis = np.r_[np.cos(a), np.sin(a), rng.uniform(-0.3, 0.3)]  # turn would move all faces alike
+    omega = rng.uniform(0.5, 1.0) * max_angle * rng.choice([-1, 1])
     v = np.r_[rng.uniform(-max_shift, max_shift, 2), 0.]
     c0 = np.r_[W / 2, H / 2, 0.] + np.r_[rng.uniform(-0.08, 0.08, 2) * (W, H), 0.] - v * (n_frames - 1) / 2
     Rs = np.stack([rotation_matrix(axis, omega * t) @ R0 for t in range(n_frames)])
