@@ -404,9 +404,9 @@ CUBE_FACES = np.array([[[1, 0, 0], [0, 1, 0], [0, 0, 1]], [[-1, 0, 0], [0, 0, 1]
                        [[0, 0, 1], [1, 0, 0], [0, 1, 0]], [[0, 0, -1], [0, 1, 0], [1, 0, 0]]], np.float64)
 
 def cube_face_coords(R, c, s, xs, ys):
-    """Where pixel positions (xs, ys) fall on a cube of half side `s` px, rotation `R` and centre `c` (x, y, z),
-    seen by an orthographic camera looking along +z. Returns `ab` float64 (6,2,...) face coordinates (a, b) and
-    `inside` bool (6,...): the face faces the camera and |a|, |b| <= 1 there."""
+    """Where pixel positions (xs, ys) fall on a cube of half side `s` px, rotation `R`, centre `c` (x, y, z),
+    seen by an orthographic camera looking along +z. Returns `ab` float64 (6,2,...), the face coordinates
+    (a, b), and `inside` bool (6,...): the face faces the camera and |a|, |b| <= 1 there."""
     xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
     ab, inside = np.zeros((6, 2) + xs.shape), np.zeros((6,) + xs.shape, bool)
     for k, (n, e1, e2) in enumerate(CUBE_FACES):
@@ -419,7 +419,7 @@ def cube_face_coords(R, c, s, xs, ys):
 
 # %% ../nbs/04b_synthetic.ipynb #a57ee7a5
 def _cube_motion(rng, n_frames, size, side, max_shift, max_angle, min_face):
-    "Half side, rotations (T,3,3) and centres (T,3) of a cube showing three faces, each tilted at least `min_face`."
+    "Half side, rotations (T,3,3), centres (T,3) of a cube showing three faces, each at cosine >= `min_face`."
     H, W = size
     s = side * min(H, W) / 2
     for _ in range(1000):
@@ -452,30 +452,32 @@ def _cube_frame(R, c, s, textures, bg, aa):
     return np.clip(np.round(acc / aa ** 2), 0, 255).astype(np.uint8)
 
 def _cube_flow(Rs, cs, s, t, ab, inside):
-    "Exact flow (H,W,2) t -> t+1 of the cube's pixels (0 elsewhere): project the 3D motion of each face point."
+    "Exact flow (H,W,2) t -> t+1 of the cube's pixels (0 elsewhere): the 3D motion of face points, projected."
     flow = np.zeros(ab.shape[2:] + (2,), np.float64)
     for k in np.flatnonzero(inside.any((1, 2))):
         m = inside[k]
         n, e1, e2 = CUBE_FACES[k]
-        q = s * (n[:, None] + e1[:, None] * ab[k, 0][m] + e2[:, None] * ab[k, 1][m])  # (3,N), cube coordinates
+        q = s * (n[:, None] + e1[:, None] * ab[k, 0][m] + e2[:, None] * ab[k, 1][m])  # (3,N) in the cube
         flow[m] = ((Rs[t + 1] @ q + cs[t + 1][:, None]) - (Rs[t] @ q + cs[t][:, None]))[:2].T
     return flow.astype(np.float32)
 
 def make_cube_clip(seed, size=(128, 128), n_frames=2, side=0.45, max_shift=2.0, max_angle=10.0,
                    min_face=0.3, background=True, aa=3):
-    """A textured cube translating and rotating in front of a still background, orthographic camera: the S3 toy.
+    """A textured cube translating and rotating before a still background, orthographic camera: the S3 toy.
     Returns `make_clip`'s dict: 'frames' uint8 (T,H,W,3), 'flows' float32 (T-1,H,W,2) exact forward flow,
-    'instances' (1 = cube), 'parts' int32 (T,H,W) face id 1..6 (0 = background), 'occlusion', 'seed', 'size'.
-    `side`: cube side / short image side; `max_shift` px and `max_angle` degrees per frame; `min_face`: at least
-    this cosine between the camera and each of the three faces seen in frame 0; `background`: a still texture
-    (False: black); `aa`: odd, aa x aa samples per pixel for the frames (masks and flow use the pixel centre)."""
+    'instances' (1 = cube), 'parts' int32 (T,H,W) face id 1..6 (0 = background), 'occlusion', 'seed',
+    'size'. `side`: cube side / short image side; `max_shift` px and `max_angle` degrees per frame;
+    `min_face`: at least this cosine between the view and each of the three faces seen in frame 0;
+    `background`: a still texture (False: black); `aa`: odd, aa x aa samples per pixel for the frames
+    (masks and flow are taken at the pixel centre)."""
     size = (int(size[0]), int(size[1]))
     if min(size) < 16: raise ValueError(f'make_cube_clip: size (H, W) must be at least 16x16, got {size}')
     if n_frames < 2: raise ValueError(f'make_cube_clip: n_frames must be >= 2 to have a flow, got {n_frames}')
     if not 0 < side <= 0.8: raise ValueError(f'make_cube_clip: side must be in (0, 0.8], got {side}')
     if int(aa) != aa or aa < 1 or aa % 2 == 0: raise ValueError(f'make_cube_clip: aa must be odd, got {aa}')
-    if not 0 <= min_face < 0.577: raise ValueError(f'make_cube_clip: min_face must be in [0, 0.577), got {min_face}')
-    rng = np.random.default_rng([int(seed), 6])                # a stream of its own: other scenes are unchanged
+    if not 0 <= min_face < 0.577:
+        raise ValueError(f'make_cube_clip: min_face must be in [0, 0.577), got {min_face}')
+    rng = np.random.default_rng([int(seed), 6])          # a stream of its own: other scenes are unchanged
     s, Rs, cs = _cube_motion(rng, n_frames, size, side, max_shift, max_angle, min_face)
     T = int(np.ceil(2 * s)) + 2
     textures = [random_texture(rng, (T, T)) for _ in range(6)]
