@@ -77,7 +77,7 @@ class LogFlowClassLoss(nn.Module):
         _check_logits(logits, n)
         B, _, h, w = logits.shape
         if not isinstance(flow, torch.Tensor) or flow.ndim != 4 or flow.shape[:2] != (B, 2):
-            raise ValueError(f'flow must be (B={B}, 2, H, W), got {tuple(getattr(flow, "shape", ()))}')
+            raise ValueError(f'flow must be (B={B}, 2, H, W), got {_shape(flow)}')
         if valid is not None:
             want = (B, *flow.shape[-2:])
             if tuple(valid.shape) != want:
