@@ -33,7 +33,7 @@ def zero_flow(image, points) -> np.ndarray:
 # %% ../nbs/03c_baselines.ipynb #f4476abc
 def nearest_flow(image, points) -> np.ndarray:
     "Every pixel copies the vector of its nearest guided pixel (zero flow without guidance)."
-    from cmp_nb.train import nearest_guidance_flow
+    from cmp_nb.guidance import nearest_guidance_flow
     sp = points_to_sparse(as_points(points), _check_image(image).shape[:2])
     return nearest_guidance_flow(sp[None])[0].permute(1, 2, 0).numpy()
 

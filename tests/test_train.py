@@ -6,6 +6,7 @@ few minutes on 2 cores."""
 import json, os, random, shutil, signal, subprocess, sys, time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cmp_nb.demo import PHOTO_DRAGS
@@ -391,8 +392,15 @@ def test_cmp_demo_short_run(tmp_path):
     summary = json.loads((out / 'summary.json').read_text())
     assert len(summary['results']) == 2
     assert all({'epe', 'epe_zero', 'epe_nearest'} <= set(r) for r in summary['results'].values())
+    shipped = next(r for k, r in summary['results'].items() if k.startswith('shipped default'))
+    assert shipped['epe'] < 0.75 * shipped['epe_zero'], shipped     # 64 px scenes, 1/3 of its training crop
     pngs = sorted(out.glob('*.png'))
-    assert len(pngs) == 12 and all(q.stat().st_size > 1000 for q in pngs)       # 2 models x 4 arrow sets + 4 photos
+    assert len(pngs) == 12, [q.name for q in pngs]                               # 2 models x 4 arrow sets + 4 photos
+    from PIL import Image
+    synthetic = [q for q in pngs if 'photo' not in q.name]
+    assert {Image.open(q).size for q in synthetic} == {(880, 320)}, {q.name: Image.open(q).size for q in synthetic}
+    for q in pngs:                                    # a picture, not a blank page: many colours in every one
+        assert len(np.unique(np.asarray(Image.open(q).convert('RGB')).reshape(-1, 3), axis=0)) > 100, q.name
     assert sorted(q.name for q in pngs if 'photo' in q.name) == [f'shipped_photo_{n}.png' for n in sorted(PHOTO_DRAGS)]
     assert (out / 'run' / 'model.pt').exists()
 
