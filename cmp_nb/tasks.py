@@ -189,11 +189,11 @@ class CPFSTask(Task):
 class S3Task(Task):
     "S3-CNN: soft segments whose flow is coherent (the loss: `criterion`)."
     panel_tag = 'train/segments'
-    def __init__(self, cfg: Config, n_segments: int = 5, hidden: int = 64):
-        super().__init__(cfg); self.L, self.hidden = int(n_segments), int(hidden)
+    def __init__(self, cfg: Config, n_segments: int = 5, hidden: int = 64, init_gain: float = 1.0):
+        super().__init__(cfg); self.L, self.hidden, self.init_gain = int(n_segments), int(hidden), init_gain
     def build_model(self):
-        return PretextNet(self.cfg.model.preset, lambda ch: SegmentHead(ch, self.L, self.hidden),
-                          **self.cfg.model.kwargs)
+        head = lambda ch: SegmentHead(ch, self.L, self.hidden, init_gain=self.init_gain)
+        return PretextNet(self.cfg.model.preset, head, **self.cfg.model.kwargs)
     def criterion(self, masks, flow): raise NotImplementedError
     def predict(self, model, batch): return model(batch['image'], batch['image'].shape[-2:])
     def loss(self, out, batch): return self.criterion(out.float(), batch['flow'].float())

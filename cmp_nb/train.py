@@ -33,7 +33,7 @@ __all__ = ['AMP_DTYPES', 'NO_RESUME', 'RUN_FILES', 'TASKS', 'EVENTS', 'DistInfo'
            'check_finite', 'predict_flow', 'evaluate', 'flow_panel', 'StopRequest', 'gather_states', 'training_state',
            'restore_training_state', 'RunDirInUse', 'export_weights', 'Task', 'CMPTask', 'register_task', 'get_task',
            'Callback', 'Learner', 'StopCB', 'ProgressCB', 'metrics_row', 'MetricsCB', 'TensorBoardCB', 'ValidationCB',
-           'CheckpointCB', 'default_callbacks', 'train', 'to_torchvision_resnet', 'export_encoder',
+           'CheckpointCB', 'default_callbacks', 'train', 'to_torchvision_resnet', 'trained_encoder', 'export_encoder',
            'export_encoder_main', 'main']
 
 # %% ../nbs/05_train.ipynb #c006
@@ -568,6 +568,7 @@ def get_task(cfg: dict | Config) -> Task:
     "The Task object the config's `task.name` and `task.kwargs` describe."
     cfg = as_config(cfg)
     name, kw = cfg.task.name, cfg.task.kwargs
+    if name not in TASKS: import cmp_nb.tasks     # the family (flow, cpfs, s3-*) registers itself on import
     if name not in TASKS:
         raise ValueError(f"task.name: unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     try: return TASKS[name](cfg, **kw)
@@ -876,17 +877,31 @@ def to_torchvision_resnet(encoder_sd: dict) -> dict:
     "A CMP ResNet image-encoder state dict under torchvision's names: the same keys without the 1x1 `conv5`."
     return {k: v for k, v in encoder_sd.items() if not k.startswith('conv5.')}
 
+# %% ../nbs/05_train.ipynb #03bb4a01
+def trained_encoder(checkpoint) -> tuple:
+    "(preset, image encoder with the trained weights) of a cmp_train checkpoint or weights file, of any task."
+    from cmp_nb.checkpoint import read_checkpoint
+    ck, fmt = read_checkpoint(checkpoint, what='model file')
+    if not isinstance(ck, dict) or ck.get('task', 'cmp') == 'cmp' or 'model' not in ck:
+        from cmp_nb.propagator import load_model
+        model = load_model(checkpoint)
+        return model.preset, model.image_encoder
+    enc = build_model(ck['preset'], **dict(ck.get('model_kwargs') or {})).image_encoder
+    sd = {k[len('image_encoder.'):]: v for k, v in ck['model'].items() if k.startswith('image_encoder.')}
+    try: enc.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ValueError(f"{checkpoint}: its image_encoder weights do not fit preset {ck['preset']!r}: {e}") from None
+    return ck['preset'], enc.eval()
+
 # %% ../nbs/05_train.ipynb #31354bd4
 def export_encoder(checkpoint, out, torchvision_out=None) -> dict:
     "Write the image encoder of a cmp_train checkpoint (and for ResNet-50 a torchvision resnet50 state dict)."
-    from cmp_nb.propagator import load_model
     from cmp_nb.flow import IMAGE_MEAN, IMAGE_STD
     if not Path(checkpoint).is_file(): raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
-    model = load_model(checkpoint)      # an empty, truncated or corrupt file is a ValueError naming it
-    enc = model.image_encoder
+    preset, enc = trained_encoder(checkpoint)   # an empty, truncated or corrupt file is a ValueError naming it
     sd = {k: v.detach().clone() for k, v in enc.state_dict().items()}
     out = Path(out)
-    written = {'encoder': atomic_save({'format': ENCODER_FORMAT, 'preset': model.preset, 'arch': type(enc).__name__,
+    written = {'encoder': atomic_save({'format': ENCODER_FORMAT, 'preset': preset, 'arch': type(enc).__name__,
                                        'stride': int(enc.stride), 'out_dim': int(enc.out_dim),
                                        'image_encoder': sd, 'mean': list(IMAGE_MEAN), 'std': list(IMAGE_STD)},
                                       out)}
@@ -896,7 +911,7 @@ def export_encoder(checkpoint, out, torchvision_out=None) -> dict:
         written['torchvision_resnet50'] = atomic_save(to_torchvision_resnet(sd), tv)
     elif torchvision_out:
         raise ValueError(f'{checkpoint}: a torchvision resnet50 file needs a ResNet-50 encoder, '
-                         f'this is {model.preset!r}')
+                         f'this is {preset!r}')
     return written
 
 # %% ../nbs/05_train.ipynb #f541dc53

@@ -511,3 +511,35 @@ def test_dist_batchnorm_two_processes_equal_one_big_batch(tmp_path):
     for k in range(2):
         close(r[k]['mean'], bn.running_mean); close(r[k]['var'], bn.running_var)
     close(r[0]['gw'] + r[1]['gw'], bn.weight.grad)
+
+
+PRETEXTS = ['flow', 'flow-log16', 'cpfs', 's3-affine', 's3-entropy']
+
+
+@pytest.mark.parametrize('task', PRETEXTS)
+def test_pretext_task_sigkill_then_resume_is_exact(tmp_path, task):
+    """Every pretext task trains through the same cmp_train: 12 iterations uninterrupted, and again killed
+    (SIGKILL) after iteration 7 and resumed from its iteration-6 checkpoint: the same weights, bit for bit, and
+    the same loss curve. Then its image encoder exports like CMP's."""
+    extra = ['train.iters=12', f'task.name={task}'] + (['optim.name=adam', 'optim.lr=1e-4'] if task == 'cpfs' else [])
+    _run(tmp_path / 'ref', *extra)
+    proc = _start(tmp_path / 'cut', *extra)
+    try:
+        _wait_for_iteration(proc, 7)
+        proc.kill()
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert _checkpoint_iterations(tmp_path / 'cut')[-1] >= 6
+    p = _run(tmp_path / 'cut', *extra, '--resume', 'auto')
+    assert _resumed_from(p.stdout) >= 6, p.stdout[-2000:]
+    assert f'task {task},' in p.stdout
+    _assert_same_weights(tmp_path / 'ref', tmp_path / 'cut')
+    ref, got = _losses(tmp_path / 'ref'), _losses(tmp_path / 'cut')
+    assert sorted(ref) == list(range(1, 13)) and all(got[i] == ref[i] for i in ref), (ref, got)
+    from cmp_nb.train import export_encoder
+    from cmp_nb.model import build_model
+    enc = torch.load(export_encoder(tmp_path / 'ref' / 'model.pt', tmp_path / 'enc.pt')['encoder'], weights_only=True)
+    w = _weights(tmp_path / 'ref')
+    assert enc['image_encoder'].keys() == build_model('small').image_encoder.state_dict().keys()
+    assert all(torch.equal(v, w[f'image_encoder.{k}']) for k, v in enc['image_encoder'].items())
