@@ -18,7 +18,8 @@ import numpy as np
 
 # %% ../nbs/04b_synthetic.ipynb #c005
 def affine(tx=0., ty=0., angle=0., scale=1., center=(0., 0.)):
-    "3x3 matrix: scale (number or (sx, sy)) and rotate by `angle` degrees about `center`, then translate by (tx, ty)."
+    """3x3 matrix: scale (number or (sx, sy)) and rotate by `angle` degrees about `center`,
+    then translate by (tx, ty)."""
     sx, sy = (scale, scale) if np.isscalar(scale) else scale
     a = np.deg2rad(angle); c, s = np.cos(a), np.sin(a)
     L = np.array([[c * sx, -s * sy], [s * sx, c * sy]])
@@ -28,10 +29,12 @@ def affine(tx=0., ty=0., angle=0., scale=1., center=(0., 0.)):
     out[:2, 2] = ctr + (tx, ty) - L @ ctr
     return out
 
+# %% ../nbs/04b_synthetic.ipynb #e668c402
 def rotation_about(point, angle):
     "3x3 rotation by `angle` degrees about `point` (x, y): a joint."
     return affine(0., 0., angle, 1., point)
 
+# %% ../nbs/04b_synthetic.ipynb #0548fd0f
 def apply(M, xy):
     "Apply a 3x3 affine matrix to points (N,2) -> (N,2)."
     xy = np.asarray(xy, np.float64)
@@ -53,10 +56,12 @@ def texture_bank():
         out[name] = np.ascontiguousarray(im[..., :3]).astype(np.uint8)
     return out
 
+# %% ../nbs/04b_synthetic.ipynb #61a3c5e7
 def noise_texture(rng, size, octaves=5):
     "Multi-octave value noise, float32 (h,w,3) in 0..255, with random saturation."
     h, w = size
-    hh, hw = max(2, h // 2), max(2, w // 2)  # sum the octaves at half size (the finest has h/2 nodes), enlarge once
+    # sum the octaves at half size (the finest has h/2 nodes), enlarge once
+    hh, hw = max(2, h // 2), max(2, w // 2)
     acc = np.zeros((hh, hw, 3), np.float32); amp, total = 1., 0.
     for o in range(octaves):
         gh, gw = max(2, h >> (octaves - o)), max(2, w >> (octaves - o))
@@ -69,6 +74,7 @@ def noise_texture(rng, size, octaves=5):
     acc = (acc - lo) / max(hi - lo, 1e-6) * rng.uniform(0.5, 1.0, 3).astype(np.float32)
     return np.clip(acc * 255, 0, 255).astype(np.float32)
 
+# %% ../nbs/04b_synthetic.ipynb #fafe58a6
 def random_texture(rng, size, noise_prob=0.3):
     "float32 (h,w,3) 0..255 texture: a magnified crop of a scikit-image picture, or value noise."
     h, w = int(size[0]), int(size[1])
@@ -95,14 +101,17 @@ def _draw_soft(size, draw, up=4):
     draw(big, up)
     return cv2.resize(big, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.
 
+# %% ../nbs/04b_synthetic.ipynb #f6cf4490
 def random_shape_mask(rng, size, kind=None):
-    "Soft alpha (h,w) float32 of a random 'ellipse' or 'polygon' (star-shaped, 3-8 vertices) filling the canvas."
+    """Soft alpha (h,w) float32 of a random 'ellipse' or 'polygon' (star-shaped, 3-8 vertices)
+    filling the canvas."""
     h, w = size
     kind = kind or ('ellipse' if rng.random() < 0.5 else 'polygon')
     if kind == 'ellipse':
         axes, ang = (rng.uniform(0.6, 0.95) * w / 2, rng.uniform(0.35, 0.95) * h / 2), rng.uniform(0, 180)
         def draw(im, up):
-            cv2.ellipse(im, (w * up // 2, h * up // 2), (int(axes[0] * up), int(axes[1] * up)), ang, 0, 360, 255, -1)
+            cv2.ellipse(im, (w * up // 2, h * up // 2), (int(axes[0] * up), int(axes[1] * up)), ang,
+                        0, 360, 255, -1)
     elif kind == 'polygon':
         n = int(rng.integers(3, 9))
         ang, r = np.sort(rng.uniform(0, 2 * np.pi, n)), rng.uniform(0.45, 0.95, n)
@@ -115,7 +124,8 @@ def random_shape_mask(rng, size, kind=None):
 # %% ../nbs/04b_synthetic.ipynb #c016
 @dataclass
 class Layer:
-    "One flat surface: texture and alpha on a canvas, moved into the image by `transforms[t]` (3x3, canvas -> image)."
+    """One flat surface: texture and alpha on a canvas, moved into the image by `transforms[t]`
+    (3x3, canvas -> image)."""
     texture: np.ndarray      # (h,w,3) float32 0..255
     alpha: np.ndarray        # (h,w) float32 0..1
     transforms: np.ndarray   # (T,3,3) float64
@@ -123,8 +133,11 @@ class Layer:
     part: int                # 0 = background; unique per rigid part in the scene
     background: bool = False
 
-def _motion(rng, n_frames, center, max_shift, max_angle, max_zoom, angle0=0., start=(0., 0.), aniso=0.):
-    "(T,3,3) constant-velocity motion about `center`: shift, turn and zoom per frame drawn uniformly in +-max."
+# %% ../nbs/04b_synthetic.ipynb #8e168ee0
+def _motion(rng, n_frames, center, max_shift, max_angle, max_zoom, angle0=0., start=(0., 0.),
+            aniso=0.):
+    """(T,3,3) constant-velocity motion about `center`: shift, turn and zoom per frame drawn uniformly
+    in +-max."""
     v = rng.uniform(-max_shift, max_shift, 2); w = rng.uniform(-max_angle, max_angle)
     z = rng.uniform(-max_zoom, max_zoom) + rng.uniform(-aniso, aniso, 2)
     return np.stack([affine(start[0] + v[0] * t, start[1] + v[1] * t, angle0 + w * t,
@@ -132,40 +145,49 @@ def _motion(rng, n_frames, center, max_shift, max_angle, max_zoom, angle0=0., st
 
 # %% ../nbs/04b_synthetic.ipynb #c017
 def _canvas_size(rng, base, area):
-    "(h, w) of an object's canvas: the classic 20-45% of the short side, or a shape covering `area` (min, max) of the crop."
+    """(h, w) of an object's canvas: the classic 20-45% of the short side, or a shape covering `area`
+    (min, max) of the crop."""
     if area is None:
         side = int(base * rng.uniform(0.2, 0.45))
         return max(side, 8), max(int(side * rng.uniform(0.7, 1.4)), 8)
-    frac = np.exp(rng.uniform(np.log(area[0]), np.log(area[1])))  # log-uniform: small objects as often as large
+    # log-uniform: small objects as often as large
+    frac = np.exp(rng.uniform(np.log(area[0]), np.log(area[1])))
     aspect = rng.uniform(0.7, 1.4)
     h = np.sqrt(frac * base * base / 0.45 / aspect)  # a random shape fills about 45% of its canvas
     return max(int(h), 8), max(int(h * aspect), 8)
 
+# %% ../nbs/04b_synthetic.ipynb #e84c855b
 def _shift(rng, speed, scale, max_shift):
-    "Largest per-frame shift of one object: the classic `scale * speed`, or `max_shift * U(0.05, 1)^2` px (mostly small)."
+    """Largest per-frame shift of one object: the classic `scale * speed`, or `max_shift * U(0.05, 1)^2` px
+    (mostly small)."""
     return scale * speed if max_shift is None else max_shift * rng.uniform(0.05, 1.0) ** 2
 
+# %% ../nbs/04b_synthetic.ipynb #008c20a1
 def _simple_object(rng, n_frames, cam, pos, base, speed, inst, part, area=None, max_shift=None):
     ch, cw = _canvas_size(rng, base, area)
     alpha, tex = random_shape_mask(rng, (ch, cw)), random_texture(rng, (ch, cw))
-    obj = _motion(rng, n_frames, (cw / 2, ch / 2), _shift(rng, speed, 10, max_shift), 6 * speed, 0.04 * speed,
-                  angle0=rng.uniform(-180, 180), start=(pos[0] - cw / 2, pos[1] - ch / 2), aniso=0.02 * speed)
+    obj = _motion(rng, n_frames, (cw / 2, ch / 2), _shift(rng, speed, 10, max_shift), 6 * speed,
+                  0.04 * speed, angle0=rng.uniform(-180, 180), start=(pos[0] - cw / 2, pos[1] - ch / 2),
+                  aniso=0.02 * speed)
     return [Layer(tex, alpha, cam @ obj, inst, part)]
 
+# %% ../nbs/04b_synthetic.ipynb #79d8b513
 def _articulated_object(rng, n_frames, cam, pos, base, speed, inst, part, area=None, max_shift=None):
     n_parts = int(rng.integers(2, 4))  # root + 1 or 2 limbs
     a, b = base * rng.uniform(0.08, 0.14), base * rng.uniform(0.05, 0.09)
     lens, widths = base * rng.uniform(0.12, 0.2, n_parts - 1), base * rng.uniform(0.04, 0.07, n_parts - 1)
     S = int(2 * (a + lens.sum() + widths.max()) + 8)
     c = np.array([S / 2, S / 2])
-    alphas = [_draw_soft((S, S), lambda im, up: cv2.ellipse(im, tuple(int(v * up) for v in c), (int(a * up), int(b * up)), 0, 0, 360, 255, -1))]
+    alphas = [_draw_soft((S, S), lambda im, up: cv2.ellipse(
+        im, tuple(int(v * up) for v in c), (int(a * up), int(b * up)), 0, 0, 360, 255, -1))]
     phi = rng.uniform(0, 2 * np.pi)
     joints = [c + 0.8 * np.array([a * np.cos(phi), b * np.sin(phi)])]  # first joint on the root's rim
     d = phi
     for k in range(n_parts - 1):
         p0 = joints[k]; p1 = p0 + lens[k] * np.array([np.cos(d), np.sin(d)])
         def draw(im, up, p0=p0, p1=p1, wd=widths[k]):
-            cv2.line(im, tuple(int(v * up) for v in p0), tuple(int(v * up) for v in p1), 255, max(1, int(wd * up)))
+            cv2.line(im, tuple(int(v * up) for v in p0), tuple(int(v * up) for v in p1), 255,
+                     max(1, int(wd * up)))
         alphas.append(_draw_soft((S, S), draw))
         joints.append(p1); d += rng.uniform(-0.8, 0.8)
     obj = _motion(rng, n_frames, tuple(c), _shift(rng, speed, 8, max_shift), 5 * speed, 0.03 * speed,
@@ -178,20 +200,24 @@ def _articulated_object(rng, n_frames, cam, pos, base, speed, inst, part, area=N
         out.append(Layer(random_texture(rng, (S, S)), al, cam @ obj @ chain, inst, part + k))
     return out
 
+# %% ../nbs/04b_synthetic.ipynb #197344ed
 def make_scene(seed, size=(256, 256), n_frames=2, n_objects=(2, 4), n_articulated=(1, 2), speed=1.0,
                object_area=None, max_shift=None, static_camera=0.0):
-    """Layers (back to front) of a random scene named by `seed`: camera-moved background, `n_objects` (min, max)
-    textured shapes and `n_articulated` (min, max) chains of 2-3 rigid parts, for `n_frames` frames of `size` (H, W).
-    `object_area` (min, max fraction of the frame per shape), `max_shift` (px per frame) and `static_camera` (the
-    probability of a still camera) are the `CHAIRS` recipe's knobs; their defaults keep the classic scenes."""
+    """Layers (back to front) of a random scene named by `seed`: camera-moved background, `n_objects`
+    (min, max) textured shapes and `n_articulated` (min, max) chains of 2-3 rigid parts, for `n_frames`
+    frames of `size` (H, W). `object_area` (min, max fraction of the frame per shape), `max_shift` (px per
+    frame) and `static_camera` (the probability of a still camera) are the `CHAIRS` recipe's knobs; their
+    defaults keep the classic scenes."""
     H, W = int(size[0]), int(size[1])
     if H < 16 or W < 16: raise ValueError(f'make_scene: size (H, W) must be at least 16x16, got {size}')
     if n_frames < 2: raise ValueError(f'make_scene: n_frames must be >= 2 to have a flow, got {n_frames}')
     if object_area is not None and not 0 < object_area[0] <= object_area[1] <= 1:
-        raise ValueError(f'make_scene: object_area must be (min, max) with 0 < min <= max <= 1, got {object_area}')
+        raise ValueError(f'make_scene: object_area must be (min, max) with 0 < min <= max <= 1, '
+                         f'got {object_area}')
     if max_shift is not None and not 0 <= max_shift < max(H, W):
         raise ValueError(f'make_scene: max_shift must be in [0, {max(H, W)}) px, got {max_shift}')
-    if not 0 <= static_camera <= 1: raise ValueError(f'make_scene: static_camera is a probability, got {static_camera}')
+    if not 0 <= static_camera <= 1:
+        raise ValueError(f'make_scene: static_camera is a probability, got {static_camera}')
     rng = np.random.default_rng(seed)
     base, s = min(H, W), min(H, W) / 256 * speed
     cam = _motion(rng, n_frames, (W / 2, H / 2), 5 * s, 1.0 * speed, 0.03 * speed)
@@ -210,13 +236,15 @@ def make_scene(seed, size=(256, 256), n_frames=2, n_objects=(2, 4), n_articulate
 
 # %% ../nbs/04b_synthetic.ipynb #c020
 def _bbox(M, shape, size):
-    "Integer box (x0, y0, x1, y1) of the image covered by a (h,w) canvas under M, clipped to size (H,W); None if outside."
+    """Integer box (x0, y0, x1, y1) of the image covered by a (h,w) canvas under M, clipped to size (H,W);
+    None if outside."""
     h, w = shape
     c = apply(M, [[-1, -1], [w, -1], [-1, h], [w, h]])
     x0, y0 = np.floor(c.min(0)).astype(int); x1, y1 = np.ceil(c.max(0)).astype(int) + 1
     x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, size[1]), min(y1, size[0])
     return (x0, y0, x1, y1) if x0 < x1 and y0 < y1 else None
 
+# %% ../nbs/04b_synthetic.ipynb #4eca3877
 def render(layers, t, size):
     "Frame `t` of a scene: (uint8 (H,W,3) RGB image, int32 (H,W) index of the frontmost layer at each pixel)."
     H, W = size
@@ -224,14 +252,17 @@ def render(layers, t, size):
     for i, L in enumerate(layers):
         M = L.transforms[t]
         if L.background:
-            img[:] = cv2.warpAffine(L.texture, M[:2], (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+            img[:] = cv2.warpAffine(L.texture, M[:2], (W, H), flags=cv2.INTER_LINEAR,
+                                    borderMode=cv2.BORDER_REFLECT_101)
             owner[:] = i; continue
         box = _bbox(M, L.alpha.shape, size)  # warp only the part of the image the layer can cover
         if box is None: continue
         x0, y0, x1, y1 = box
         A = (affine(-x0, -y0) @ M)[:2]
-        tex = cv2.warpAffine(L.texture, A, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-        al = cv2.warpAffine(L.alpha, A, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        tex = cv2.warpAffine(L.texture, A, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_CONSTANT)
+        al = cv2.warpAffine(L.alpha, A, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         sub = img[y0:y1, x0:x1]
         sub += (tex - sub) * al[..., None]  # out = out * (1 - alpha) + texture * alpha
         owner[y0:y1, x0:x1][al >= 0.5] = i
@@ -252,8 +283,10 @@ def scene_flow(layers, t, owner):
         flow[m, 1] = D[1, 0] * x + D[1, 1] * y + D[1, 2] - y
     return flow
 
+# %% ../nbs/04b_synthetic.ipynb #ff571b8b
 def occlusion_mask(owner_t, owner_t1, flow):
-    "bool (H,W): True where the surface at x in frame t is not what frame t+1 shows at x + flow (hidden or out of view)."
+    """bool (H,W): True where the surface at x in frame t is not what frame t+1 shows at x + flow
+    (hidden or out of view)."""
     H, W = owner_t.shape
     ys, xs = np.mgrid[0:H, 0:W]
     xd, yd = np.round(xs + flow[..., 0]).astype(np.int64), np.round(ys + flow[..., 1]).astype(np.int64)
@@ -264,7 +297,8 @@ def occlusion_mask(owner_t, owner_t1, flow):
 
 # %% ../nbs/04b_synthetic.ipynb #c026
 def degrade_frame(img, rng):
-    "A camera's faults on one uint8 frame, each with some probability: defocus blur, sensor noise, JPEG artefacts."
+    """A camera's faults on one uint8 frame, each with some probability: defocus blur, sensor noise,
+    JPEG artefacts."""
     x = img.astype(np.float32)
     if rng.random() < 0.3: x = cv2.GaussianBlur(x, (0, 0), rng.uniform(0.3, 1.2))
     if rng.random() < 0.5: x = x + rng.normal(0, rng.uniform(1, 6), x.shape).astype(np.float32)
@@ -274,10 +308,12 @@ def degrade_frame(img, rng):
         x = np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1])
     return x
 
+# %% ../nbs/04b_synthetic.ipynb #08a9e7ea
 def make_clip(seed, size=(256, 256), n_frames=2, degrade=False, **scene_kw):
-    """Render a synthetic clip. Returns a dict: 'frames' uint8 (T,H,W,3); 'flows' float32 (T-1,H,W,2) exact forward
-    flow t->t+1; 'instances', 'parts' int32 (T,H,W) (0 = background); 'occlusion' bool (T-1,H,W); 'seed'; 'size'.
-    `degrade=True` passes each frame through `degrade_frame` (its own generator: the scene is the same either way)."""
+    """Render a synthetic clip. Returns a dict: 'frames' uint8 (T,H,W,3); 'flows' float32 (T-1,H,W,2) exact
+    forward flow t->t+1; 'instances', 'parts' int32 (T,H,W) (0 = background); 'occlusion' bool (T-1,H,W);
+    'seed'; 'size'. `degrade=True` passes each frame through `degrade_frame` (its own generator: the scene
+    is the same either way)."""
     size = (int(size[0]), int(size[1]))
     layers = make_scene(seed, size, n_frames, **scene_kw)
     rendered = [render(layers, t, size) for t in range(n_frames)]
@@ -285,15 +321,17 @@ def make_clip(seed, size=(256, 256), n_frames=2, degrade=False, **scene_kw):
         drng = np.random.default_rng([int(seed), 7])
         rendered = [(degrade_frame(f, drng), o) for f, o in rendered]
     owners = np.stack([o for _, o in rendered])
-    inst_of, part_of = np.array([l.instance for l in layers], np.int32), np.array([l.part for l in layers], np.int32)
+    inst_of, part_of = (np.array([l.instance for l in layers], np.int32),
+                        np.array([l.part for l in layers], np.int32))
     flows = np.stack([scene_flow(layers, t, owners[t]) for t in range(n_frames - 1)])
     occ = np.stack([occlusion_mask(owners[t], owners[t + 1], flows[t]) for t in range(n_frames - 1)])
     return dict(frames=np.stack([f for f, _ in rendered]), flows=flows, instances=inst_of[owners],
                 parts=part_of[owners], occlusion=occ, seed=int(seed), size=size)
 
-# The FlyingChairs-like recipe (objects over photographs, large affine motions, often a still camera, camera faults):
+# %% ../nbs/04b_synthetic.ipynb #cd0ee624
+# The FlyingChairs-like recipe (objects over photographs, large affine motions, often a still camera,
+# camera faults):
 CHAIRS = dict(object_area=(0.05, 0.4), max_shift=24.0, static_camera=0.4, degrade=True)
-
 
 # %% ../nbs/04b_synthetic.ipynb #c031
 def _interior(owner, r=2):
@@ -305,6 +343,7 @@ def _interior(owner, r=2):
         out &= ~((m == 1) & (cv2.erode(m, k, borderType=cv2.BORDER_REPLICATE) == 0))
     return out
 
+# %% ../nbs/04b_synthetic.ipynb #c51459f2
 def photometric_error(frame_t, frame_t1, flow, mask=None):
     "Mean absolute difference (grey levels) between frame t and frame t+1 warped back by `flow`, over `mask`."
     from cmp_nb.flow import warp
@@ -315,6 +354,7 @@ def photometric_error(frame_t, frame_t1, flow, mask=None):
         err = err[mask]
     return float(err.mean())
 
+# %% ../nbs/04b_synthetic.ipynb #3f92d28f
 def checkable_mask(clip, t=0, border=2):
     "bool (H,W): pixels of frame t visible in frame t+1, away from layer boundaries and the image border."
     parts, flow = clip['parts'], clip['flows'][t]
@@ -330,15 +370,19 @@ def checkable_mask(clip, t=0, border=2):
 # %% ../nbs/04b_synthetic.ipynb #c035
 def _png(path, arr):
     "Write a PNG with the strongest (lossless) compression."
-    if not cv2.imwrite(str(path), arr, [cv2.IMWRITE_PNG_COMPRESSION, 9]): raise OSError(f'could not write {path}')
+    if not cv2.imwrite(str(path), arr, [cv2.IMWRITE_PNG_COMPRESSION, 9]):
+        raise OSError(f'could not write {path}')
 
+# %% ../nbs/04b_synthetic.ipynb #2475357f
 def write_synthetic_set(out_dir, clips=8, frames=4, size=(256, 256), seed=0, **scene_kw):
-    """Render `clips` clips (seeds seed..seed+clips-1) of `frames` frames into `out_dir`; write one manifest line per
-    consecutive pair. Returns the manifest path."""
+    """Render `clips` clips (seeds seed..seed+clips-1) of `frames` frames into `out_dir`; write one manifest
+    line per consecutive pair. Returns the manifest path."""
     from cmp_nb.flow import write_flow_png
-    if clips < 1 or frames < 2: raise ValueError(f'write_synthetic_set: need clips >= 1 and frames >= 2, got {clips}, {frames}')
+    if clips < 1 or frames < 2:
+        raise ValueError(f'write_synthetic_set: need clips >= 1 and frames >= 2, got {clips}, {frames}')
     out = Path(out_dir)
-    for sub in ('frames', 'flow', 'instances', 'parts', 'occlusion'): (out / sub).mkdir(parents=True, exist_ok=True)
+    for sub in ('frames', 'flow', 'instances', 'parts', 'occlusion'):
+        (out / sub).mkdir(parents=True, exist_ok=True)
     lines = []
     for c in range(clips):
         clip = make_clip(seed + c, size, frames, **scene_kw)
@@ -350,31 +394,37 @@ def write_synthetic_set(out_dir, clips=8, frames=4, size=(256, 256), seed=0, **s
         for t in range(frames - 1):
             name, nxt = f'{seed + c:06d}_{t:02d}', f'{seed + c:06d}_{t + 1:02d}'
             write_flow_png(out / 'flow' / f'{name}.png', clip['flows'][t])
-            _png(out / 'flow' / f'{name}.png', cv2.imread(str(out / 'flow' / f'{name}.png'), cv2.IMREAD_UNCHANGED))  # same pixels, ~6x smaller
+            _png(out / 'flow' / f'{name}.png',  # same pixels, ~6x smaller
+                 cv2.imread(str(out / 'flow' / f'{name}.png'), cv2.IMREAD_UNCHANGED))
             _png(out / 'occlusion' / f'{name}.png', clip['occlusion'][t].astype(np.uint8) * 255)
-            lines.append(dict(image=f'frames/{name}.png', flow=f'flow/{name}.png', next_image=f'frames/{nxt}.png',
-                              instances=f'instances/{name}.png', parts=f'parts/{name}.png',
-                              occlusion=f'occlusion/{name}.png', source='synthetic', source_id=f'synthetic-{seed + c:06d}',
-                              kind='synthetic', frame1=t, frame2=t + 1, height=size[0], width=size[1],
-                              estimator='exact', seed=seed + c))
+            lines.append(dict(image=f'frames/{name}.png', flow=f'flow/{name}.png',
+                              next_image=f'frames/{nxt}.png', instances=f'instances/{name}.png',
+                              parts=f'parts/{name}.png', occlusion=f'occlusion/{name}.png',
+                              source='synthetic', source_id=f'synthetic-{seed + c:06d}', kind='synthetic',
+                              frame1=t, frame2=t + 1, height=size[0], width=size[1], estimator='exact',
+                              seed=seed + c))
     manifest = out / 'manifest.jsonl'
     tmp = manifest.with_suffix('.jsonl.tmp')
     tmp.write_text(''.join(json.dumps(l) + '\n' for l in lines))
     tmp.replace(manifest)
     return manifest
 
+# %% ../nbs/04b_synthetic.ipynb #0d7c149b
 def main(argv=None):
     "Console script `cmp_synth`: write a synthetic set with exact flow, masks and a manifest."
-    p = argparse.ArgumentParser(prog='cmp_synth', description='Render synthetic clips with exact forward flow, '
-                                'instance/part/occlusion masks and a manifest.jsonl (one line per frame pair).')
+    p = argparse.ArgumentParser(prog='cmp_synth', description='Render synthetic clips with exact forward '
+                                'flow, instance/part/occlusion masks and a manifest.jsonl (one line per '
+                                'frame pair).')
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--clips', type=int, default=8, help='number of clips (default 8)')
     p.add_argument('--frames', type=int, default=4, help='frames per clip (default 4: three pairs per clip)')
-    p.add_argument('--size', type=int, nargs=2, default=(256, 256), metavar=('H', 'W'), help='frame size (default 256 256)')
+    p.add_argument('--size', type=int, nargs=2, default=(256, 256), metavar=('H', 'W'),
+                   help='frame size (default 256 256)')
     p.add_argument('--seed', type=int, default=0, help='seed of the first clip (clip i uses seed + i)')
     a = p.parse_args(argv)
     if a.clips < 1 or a.frames < 2 or min(a.size) < 16:
-        p.error(f'need --clips >= 1, --frames >= 2 and --size at least 16 16 (got {a.clips}, {a.frames}, {a.size})')
+        p.error(f'need --clips >= 1, --frames >= 2 and --size at least 16 16 '
+                f'(got {a.clips}, {a.frames}, {a.size})')
     m = write_synthetic_set(a.out, a.clips, a.frames, tuple(a.size), a.seed)
     n = sum(1 for _ in open(m))
     print(f'cmp_synth: wrote {n} pairs from {a.clips} clips to {m}')
@@ -389,6 +439,7 @@ def rotation_matrix(axis, angle):
     K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
     return np.eye(3) + np.sin(a) * K + (1 - np.cos(a)) * K @ K
 
+# %% ../nbs/04b_synthetic.ipynb #68730b4f
 def random_rotation(rng):
     "A uniformly distributed random 3D rotation (3x3), from a random unit quaternion."
     w, x, y, z = (q := rng.normal(size=4)) / np.linalg.norm(q)
@@ -433,6 +484,7 @@ def _cube_motion(rng, n_frames, size, side, max_shift, max_angle, min_face):
     Rs = np.stack([rotation_matrix(axis, omega * t) @ R0 for t in range(n_frames)])
     return s, Rs, np.stack([c0 + v * t for t in range(n_frames)])
 
+# %% ../nbs/04b_synthetic.ipynb #4dd40659
 def _cube_frame(R, c, s, textures, bg, aa):
     "uint8 (H,W,3) frame: each pixel the mean of aa x aa sub-pixel samples (bilinear texture look-ups)."
     H, W = bg.shape[:2]
@@ -451,6 +503,7 @@ def _cube_frame(R, c, s, textures, bg, aa):
             acc += img
     return np.clip(np.round(acc / aa ** 2), 0, 255).astype(np.uint8)
 
+# %% ../nbs/04b_synthetic.ipynb #a1c39714
 def _cube_flow(Rs, cs, s, t, ab, inside):
     "Exact flow (H,W,2) t -> t+1 of the cube's pixels (0 elsewhere): the 3D motion of face points, projected."
     flow = np.zeros(ab.shape[2:] + (2,), np.float64)
@@ -461,6 +514,7 @@ def _cube_flow(Rs, cs, s, t, ab, inside):
         flow[m] = ((Rs[t + 1] @ q + cs[t + 1][:, None]) - (Rs[t] @ q + cs[t][:, None]))[:2].T
     return flow.astype(np.float32)
 
+# %% ../nbs/04b_synthetic.ipynb #3418c545
 def make_cube_clip(seed, size=(128, 128), n_frames=2, side=0.45, max_shift=2.0, max_angle=10.0,
                    min_face=0.3, background=True, aa=3):
     """A textured cube translating and rotating before a still background, orthographic camera: the S3 toy.
