@@ -27,7 +27,7 @@ SINTEL = ROOT.parent / 'shared' / 'data' / 'sintel'
 
 
 def trained(name, args):
-    cfg = load_config(ROOT / 'configs' / f'{name}.yaml',
+    cfg = load_config(ROOT / 'configs' / f'{name}.yaml', ['train.threads=1'] +
                       [f'train.iters={args.iters}', f'ckpt.run_dir={Path(args.runs) / name}', 'ckpt.resume=auto',
                        'log.val_every=0', 'log.image_every=0', f'data.crop={args.crop}', 'log.progress=false'])
     t0 = time.time()
