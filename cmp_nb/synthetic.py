@@ -16,6 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .core import atomic_write_text
+
 # %% ../nbs/04b_synthetic.ipynb #c005
 def affine(tx=0., ty=0., angle=0., scale=1., center=(0., 0.)):
     """3x3 matrix: scale (number or (sx, sy)) and rotate by `angle` degrees about `center`,
@@ -404,9 +406,7 @@ def write_synthetic_set(out_dir, clips=8, frames=4, size=(256, 256), seed=0, **s
                               frame1=t, frame2=t + 1, height=size[0], width=size[1], estimator='exact',
                               seed=seed + c))
     manifest = out / 'manifest.jsonl'
-    tmp = manifest.with_suffix('.jsonl.tmp')
-    tmp.write_text(''.join(json.dumps(l) + '\n' for l in lines))
-    tmp.replace(manifest)
+    atomic_write_text(manifest, ''.join(json.dumps(l) + '\n' for l in lines))
     return manifest
 
 # %% ../nbs/04b_synthetic.ipynb #0d7c149b
