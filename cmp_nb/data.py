@@ -7,7 +7,8 @@ __all__ = ['FlowEstimator', 'DISEstimator', 'RAFTEstimator', 'get_estimator', 'E
            'merge_manifests', 'frame_pairs', 'find_sources', 'make_scene', 'make_clip', 'render', 'scene_flow',
            'occlusion_mask', 'photometric_error', 'checkable_mask', 'write_synthetic_set', 'load_manifest',
            'sample_rng', 'PairTransform', 'PairDataset', 'ManifestDataset', 'SyntheticDataset', 'VALIDATION_SEED',
-           'write_shards', 'iter_tar_samples', 'decode_pair', 'list_shards', 'ShardDataset', 'make_dataset']
+           'write_shards', 'iter_tar_samples', 'decode_pair', 'list_shards', 'split_by_rank', 'ShardDataset',
+           'make_dataset']
 
 # %% ../nbs/04_data.ipynb #c002
 from .estimate import FlowEstimator, DISEstimator, RAFTEstimator, get_estimator, ESTIMATORS
@@ -16,11 +17,12 @@ from .synthetic import (
     make_scene, make_clip, render, scene_flow, occlusion_mask, photometric_error, checkable_mask, write_synthetic_set)
 from .dataset import (
     load_manifest, sample_rng, PairTransform, PairDataset, ManifestDataset, SyntheticDataset, VALIDATION_SEED,
-    write_shards, iter_tar_samples, decode_pair, list_shards, ShardDataset, make_dataset)
+    write_shards, iter_tar_samples, decode_pair, list_shards, split_by_rank, ShardDataset, make_dataset)
 
 _all_ = ['FlowEstimator', 'DISEstimator', 'RAFTEstimator', 'get_estimator', 'ESTIMATORS',
          'prepare', 'read_manifest', 'merge_manifests', 'frame_pairs', 'find_sources',
          'make_scene', 'make_clip', 'render', 'scene_flow', 'occlusion_mask', 'photometric_error', 'checkable_mask',
          'write_synthetic_set',
          'load_manifest', 'sample_rng', 'PairTransform', 'PairDataset', 'ManifestDataset', 'SyntheticDataset',
-         'VALIDATION_SEED', 'write_shards', 'iter_tar_samples', 'decode_pair', 'list_shards', 'ShardDataset', 'make_dataset']
+         'VALIDATION_SEED', 'write_shards', 'iter_tar_samples', 'decode_pair', 'list_shards', 'split_by_rank',
+         'ShardDataset', 'make_dataset']

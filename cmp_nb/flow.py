@@ -14,10 +14,10 @@ import flow_vis
 from PIL import Image
 
 # %% auto #0
-__all__ = ['IMAGE_MEAN', 'IMAGE_STD', 'FLO_MAGIC', 'PNG_FLOW_SCALE', 'PNG_FLOW_OFFSET', 'PNG_FLOW_RANGE', 'load_image',
-           'image_to_tensor', 'tensor_to_image', 'check_flow', 'read_flo', 'write_flo', 'write_flow_png',
-           'read_flow_png', 'read_flow', 'write_flow', 'resize_flow', 'flip_flow_lr', 'flow_to_color', 'color_wheel',
-           'warp', 'epe']
+__all__ = ['IMAGE_MEAN', 'IMAGE_STD', 'FLO_MAGIC', 'PNG_FLOW_SCALE', 'PNG_FLOW_OFFSET', 'PNG_FLOW_RANGE', 'PNG_SIGNATURE',
+           'PNG_END', 'load_image', 'image_to_tensor', 'tensor_to_image', 'check_flow', 'read_flo', 'write_flo',
+           'encode_flow_png', 'decode_flow_png', 'write_flow_png', 'read_flow_png', 'read_flow', 'write_flow',
+           'resize_flow', 'flip_flow_lr', 'flow_to_color', 'color_wheel', 'warp', 'epe']
 
 # %% ../nbs/00_flow.ipynb #637dbb0a
 IMAGE_MEAN = (123.675, 116.28, 103.53)   # RGB mean of ImageNet pixels (0-255)
@@ -150,7 +150,9 @@ def write_flo(path, flow) -> None:
 # %% ../nbs/00_flow.ipynb #ceb6e93e
 PNG_FLOW_SCALE = 64.0        # 1/64 px precision
 PNG_FLOW_OFFSET = 2 ** 15    # zero flow is stored as 32768
-PNG_FLOW_RANGE = (-PNG_FLOW_OFFSET / PNG_FLOW_SCALE, (65535 - PNG_FLOW_OFFSET) / PNG_FLOW_SCALE)  # (-512, 511.984375)
+PNG_FLOW_RANGE = (-PNG_FLOW_OFFSET / PNG_FLOW_SCALE, (65535 - PNG_FLOW_OFFSET) / PNG_FLOW_SCALE)  # (-512, 511.98)
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'   # the first 8 bytes of every PNG
+PNG_END = b'IEND\xaeB`\x82'          # the last 8 bytes of a complete PNG: the IEND chunk and its CRC
 
 def _png_path(path, what: str) -> Path:
     p = Path(path)
@@ -158,36 +160,67 @@ def _png_path(path, what: str) -> Path:
     return p
 
 # %% ../nbs/00_flow.ipynb #16725e73
-def write_flow_png(path, flow, valid=None, clip: bool = False) -> None:
-    "Write flow as a KITTI 16-bit PNG (R = u, G = v, B = valid); see the range rules above."
-    p = _png_path(path, 'write_flow_png')
+def _flow_png_pixels(flow, valid=None, clip: bool = False) -> np.ndarray:
+    "The uint16 `(H,W,3)` array a flow PNG holds, in OpenCV's channel order: `[valid, v, u]`."
     f = _flow_numpy(flow, finite=False)            # non-finite values are allowed at invalid pixels
     h, w = f.shape[:2]
     v = np.ones((h, w), bool) if valid is None else np.asarray(valid) != 0
-    if v.shape != (h, w): raise ValueError(f'valid mask has shape {v.shape}, expected {(h, w)} to match the flow')
+    if v.shape != (h, w):
+        raise ValueError(f'valid mask has shape {v.shape}, expected {(h, w)} to match the flow')
     nonfinite = ~np.isfinite(f).all(-1) & v
     if nonfinite.any():
-        raise ValueError(f'{p}: {int(nonfinite.sum())} valid pixels have non-finite flow; mark them invalid (valid=False)')
+        raise ValueError(f'{int(nonfinite.sum())} valid pixels have non-finite flow; '
+                         'mark them invalid (valid=False)')
     q = np.round(np.where(v[..., None], f.astype(np.float64), 0.0) * PNG_FLOW_SCALE + PNG_FLOW_OFFSET)
     out = ((q < 0) | (q > 65535)).any(-1)
     if out.any():
         if not clip:
-            raise ValueError(f'{p}: {int(out.sum())} pixels have flow outside the 16-bit PNG range {PNG_FLOW_RANGE} px '
-                             f'(largest |component| {np.abs(f[out]).max():.1f}); pass clip=True to clip and mark them invalid')
+            raise ValueError(f'{int(out.sum())} pixels have flow outside the 16-bit PNG range {PNG_FLOW_RANGE} px '
+                             f'(largest |component| {np.abs(f[out]).max():.1f}); '
+                             'pass clip=True to clip and mark them invalid')
         q, v = np.clip(q, 0, 65535), v & ~out
-    bgr = np.stack([v, q[..., 1], q[..., 0]], -1).astype(np.uint16)   # OpenCV order: B = valid, G = v, R = u
-    if not cv2.imwrite(str(p), bgr): raise OSError(f'could not write {p}')
+    return np.stack([v, q[..., 1], q[..., 0]], -1).astype(np.uint16)   # B = valid, G = v, R = u
 
-def read_flow_png(path):
-    "Read a KITTI 16-bit flow PNG -> (flow float32 `(H,W,2)`, valid bool `(H,W)`)."
-    p = _png_path(path, 'read_flow_png')
-    if not p.is_file(): raise FileNotFoundError(f'flow PNG not found: {p}')
-    a = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
-    if a is None: raise ValueError(f'{p}: cannot be decoded as a PNG')
+def encode_flow_png(flow, valid=None, clip: bool = False) -> bytes:
+    "The bytes of a KITTI 16-bit flow PNG (R = u, G = v, B = valid); see the range rules above."
+    ok, buf = cv2.imencode('.png', _flow_png_pixels(flow, valid, clip))
+    if not ok: raise ValueError('OpenCV could not encode the flow as a 16-bit PNG')
+    return buf.tobytes()
+
+# %% ../nbs/00_flow.ipynb #0f56339b
+def decode_flow_png(data) -> tuple[np.ndarray, np.ndarray]:
+    "(flow float32 `(H,W,2)`, valid bool `(H,W)`) from the bytes of a KITTI 16-bit flow PNG."
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f'decode_flow_png expects bytes, got {type(data).__name__}')
+    data = bytes(data)
+    if not data: raise ValueError('empty data: 0 bytes is not a flow PNG')
+    if not data.startswith(PNG_SIGNATURE):
+        raise ValueError(f'not a PNG: the data start with {data[:8]!r}, a PNG with {PNG_SIGNATURE!r}')
+    try: a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as e: raise ValueError(f'cannot be decoded as a PNG ({len(data)} bytes): {e.err}') from None
+    if a is None:
+        why = 'corrupt' if data.endswith(PNG_END) else 'truncated: no IEND chunk at the end'
+        raise ValueError(f'cannot be decoded as a PNG ({len(data)} bytes, {why})')
     if a.dtype != np.uint16 or a.ndim != 3 or a.shape[2] != 3:
-        raise ValueError(f'{p}: not a KITTI flow PNG (needs 3 channels of uint16, got dtype {a.dtype}, shape {a.shape})')
+        raise ValueError(f'not a KITTI flow PNG (needs 3 channels of uint16, '
+                         f'got dtype {a.dtype}, shape {a.shape})')
     flow = (a[..., [2, 1]].astype(np.float32) - PNG_FLOW_OFFSET) / PNG_FLOW_SCALE
     return flow, a[..., 0] > 0
+
+# %% ../nbs/00_flow.ipynb #46c8077d
+def write_flow_png(path, flow, valid=None, clip: bool = False) -> None:
+    "Write flow as a KITTI 16-bit PNG file (R = u, G = v, B = valid): `encode_flow_png` and the file's name."
+    p = _png_path(path, 'write_flow_png')
+    try: data = encode_flow_png(flow, valid, clip)
+    except ValueError as e: raise ValueError(f'{p}: {e}') from None
+    p.write_bytes(data)
+
+def read_flow_png(path):
+    "Read a KITTI 16-bit flow PNG file -> (flow float32 `(H,W,2)`, valid bool `(H,W)`) with `decode_flow_png`."
+    p = _png_path(path, 'read_flow_png')
+    if not p.is_file(): raise FileNotFoundError(f'flow PNG not found: {p}')
+    try: return decode_flow_png(p.read_bytes())
+    except ValueError as e: raise ValueError(f'{p}: {e}') from None
 
 # %% ../nbs/00_flow.ipynb #bc6c815b
 def read_flow(path, return_valid: bool = False):

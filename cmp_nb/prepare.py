@@ -12,14 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import cv2
-from .core import TMP_MARK, atomic_write, atomic_write_text, dist_env, is_temp_name, pick_device
-from .flow import load_image, write_flow_png, read_flow_png
+from .core import (TMP_MARK, atomic_write, atomic_write_bytes, atomic_write_text, dist_env, is_temp_name,
+                         pick_device)
+from .flow import load_image, encode_flow_png, read_flow_png
 from .estimate import get_estimator, ESTIMATORS
 
 # %% auto #0
 __all__ = ['MAX_FRAME_GAP', 'VIDEO_EXTS', 'IMAGE_EXTS', 'check_pair_rule', 'frame_pairs', 'Source', 'natural_key', 'find_sources',
            'iter_video_frames', 'video_expected_frames', 'video_frame_count', 'resize_max_side', 'write_video',
-           'shard_sources', 'write_image', 'write_flow', 'remove_temp_files', 'read_manifest', 'write_manifest',
+           'shard_sources', 'write_image', 'write_flow_atomic', 'remove_temp_files', 'read_manifest', 'write_manifest',
            'merge_manifests', 'process_source', 'prepare', 'main']
 
 # %% ../nbs/04d_prepare.ipynb #4ef463b3
@@ -189,12 +190,14 @@ def write_image(path, img: np.ndarray, jpeg_quality: int = 95, tag: str = ''):
     params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if ext in ('.jpg', '.jpeg') else []
     ok, buf = cv2.imencode(ext, np.ascontiguousarray(img[..., ::-1]), params)
     if not ok: raise ValueError(f'could not encode an image of shape {img.shape} as {ext}')
-    return atomic_write(path, lambda p: Path(p).write_bytes(buf.tobytes()), tag)
+    return atomic_write_bytes(path, buf.tobytes(), tag)
 
-def write_flow(path, flow: np.ndarray, tag: str = ''):
-    "Atomically write `flow` as a 16-bit PNG (cmp_nb.flow.write_flow_png); non-finite or out-of-range (> 512 px) vectors are marked invalid."
-    return atomic_write(path, lambda p: write_flow_png(p, flow, valid=np.isfinite(flow).all(-1), clip=True), tag)
+def write_flow_atomic(path, flow: np.ndarray, tag: str = ''):
+    """Atomically write `flow` as a 16-bit flow PNG (`cmp_nb.flow.encode_flow_png`); non-finite or out-of-range
+    (> 512 px) vectors are marked invalid instead of stopping the run."""
+    return atomic_write_bytes(path, encode_flow_png(flow, valid=np.isfinite(flow).all(-1), clip=True), tag)
 
+# %% ../nbs/04d_prepare.ipynb #563a1a6c
 def remove_temp_files(folders, tag: str | None = None) -> int:
     "Delete leftover temporary files (those of rank tag `tag`, or all) in `folders`; returns how many."
     n = 0
@@ -277,7 +280,7 @@ class _PairWriter:
         for (i, j, im1, _), flow in zip(self.pending, flows):
             img_rel, flow_rel = _pair_paths(self.out, self.src, i, j, self.t['image_format'])
             write_image(self.out/img_rel, im1, self.t['jpeg_quality'], self.t['tag'])
-            write_flow(self.out/flow_rel, flow, self.t['tag'])
+            write_flow_atomic(self.out/flow_rel, flow, self.t['tag'])
             self.emit('row', (self.row(i, j, *im1.shape[:2]), False))
         self.pending = []
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cmp_nb.flow import read_flow_png, write_flow_png, write_flo, load_image
+from cmp_nb.flow import read_flow_png, write_flow_png, write_flo, load_image, decode_flow_png
 from cmp_nb.synthetic import make_clip, checkable_mask, photometric_error, write_synthetic_set
 from cmp_nb.dataset import (load_manifest, sample_rng, PairTransform, ManifestDataset, SyntheticDataset, VALIDATION_SEED,
                             write_shards, iter_tar_samples, ShardDataset, make_dataset)
@@ -123,6 +123,23 @@ def test_shards_are_webdataset_tars_and_deterministic(tmp_path):
     assert idx['total'] == 24 and [s['count'] for s in idx['shards']] == [10, 10, 4]
     with pytest.raises(ValueError, match='pairs_per_shard'):
         write_shards(SAMPLES, tmp_path / 'c', pairs_per_shard=0)
+
+
+def test_shards_read_by_plain_webdataset_and_no_temp_dirs(tmp_path, monkeypatch):
+    "Any WebDataset reader reads the shards; writing and reading them never makes a temporary directory."
+    import tempfile, webdataset as wds
+    def no_temp_dirs(*a, **k): raise AssertionError('a temporary directory was made')
+    monkeypatch.setattr(tempfile, 'TemporaryDirectory', no_temp_dirs)
+    monkeypatch.setattr(tempfile, 'mkdtemp', no_temp_dirs)
+    paths = write_shards(SyntheticDataset(3), tmp_path, pairs_per_shard=2)      # flow encoded in memory
+    got = list(wds.WebDataset([str(p) for p in paths], shardshuffle=False))
+    assert [s['__key__'] for s in got] == ['000000000', '000000001', '000000002']
+    assert all({'png', 'flow.png', 'json'} <= set(s) for s in got)
+    assert [json.loads(s['json'])['index'] for s in got] == [0, 1, 2]
+    flow, valid = decode_flow_png(got[1]['flow.png'])
+    assert valid.all() and np.abs(flow - SyntheticDataset(3).raw(1)['flow']).max() <= 1 / 128
+    sd = ShardDataset(tmp_path, shuffle=False, crop=32, short_side=32, nms_ks=9, grid_stride=16)
+    assert [int(s['index']) for s in sd] == [0, 1, 2]                              # decoded in memory too
 
 
 def test_shard_dataset_equals_manifest_dataset(tmp_path):
