@@ -1,0 +1,62 @@
+"""cmp_transfer end to end in --quick mode: every stage runs, the results file has every method, two runs give
+the same file, and a rerun skips what is done, resumes a cut-off pre-training and remakes what changed."""
+import json, os, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+from cmp_nb.transfer import METHODS, load_settings, main, run_transfer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_settings_errors():
+    with pytest.raises(SystemExit):                      # argparse error: the unknown key is named on stderr
+        main(['--quick', 'finetune.itres=3'])
+    with pytest.raises(ValueError, match='2 only with --quick'):
+        load_settings(overrides=['finetune.seeds=[0,1]'])
+
+
+def _check(results: dict, s: dict):
+    assert set(results['results']) == set(METHODS)
+    k = len(s['finetune']['seeds'])
+    for m, r in results['results'].items():
+        assert len(r['miou']) == k and len(r['linear_miou']) == k, m
+        assert list(r['few_shot']) == [str(n) for n in sorted(s['finetune']['n_train'])], m
+        assert r['few_shot'][str(max(s['finetune']['n_train']))] == r['miou'], m
+        for v in r['miou'] + r['linear_miou']: assert 0 <= v <= 1, (m, v)
+
+
+@pytest.mark.slow
+def test_quick_end_to_end(tmp_path):
+    s = load_settings(quick=True)
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    results = run_transfer(s, a, progress=False)
+    _check(results, s)
+    env = {**os.environ, 'PYTHONPATH': str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', '')}
+    subprocess.run([sys.executable, '-m', 'cmp_nb.transfer', '--quick', '--out', str(b), '--no-progress'],
+                   check=True, cwd=tmp_path, env=env, capture_output=True, timeout=900)
+    assert (a / 'results.json').read_bytes() == (b / 'results.json').read_bytes(), 'two runs, two files'
+
+    # a rerun: a pre-training cut off after its first checkpoint resumes, a deleted job is remade, the rest
+    # is skipped, and the file comes out the same
+    run = a / 'pretrain' / 's3-affine'
+    ckpts = sorted((run / 'checkpoints').glob('ckpt_*.pt'))
+    assert len(ckpts) == 2, ckpts
+    ckpts[-1].unlink(); (run / 'model.pt').unlink()
+    (a / 'finetune' / 'cmp' / 'full_n4_s1.json').unlink()
+    kept = a / 'finetune' / 'flow' / 'linear_n16_s0.json'
+    before = {p: p.stat().st_mtime_ns for p in (kept, a / 'pretrain' / 'cpfs' / 'model.pt', a / 'labelled.pt')}
+    assert run_transfer(s, a, progress=False) == results
+    assert (a / 'results.json').read_bytes() == (b / 'results.json').read_bytes()
+    assert {p: p.stat().st_mtime_ns for p in before} == before, 'done stages are skipped'
+    assert json.loads((run / 'summary.json').read_text())['iteration'] == s['iters']
+
+    # other fine-tuning settings: the fine-tuning jobs are remade, the pre-training is not
+    s2 = load_settings(quick=True, overrides=['finetune.iters=6'])
+    r2 = run_transfer(s2, a, progress=False)
+    _check(r2, s2)
+    assert r2['task']['finetune']['iters'] == 6
+    assert json.loads(kept.read_text())['settings']['iters'] == 12        # the linear probe's own linear_iters
+    assert json.loads((a / 'finetune' / 'flow' / 'full_n16_s0.json').read_text())['settings']['iters'] == 6
+    assert (a / 'pretrain' / 'cpfs' / 'model.pt').stat().st_mtime_ns == before[a / 'pretrain' / 'cpfs' / 'model.pt']
