@@ -569,6 +569,7 @@ def get_task(cfg: dict | Config) -> Task:
     cfg = as_config(cfg)
     name, kw = cfg.task.name, cfg.task.kwargs
     if name not in TASKS: import cmp_nb.tasks     # the family (flow, cpfs, s3-*) registers itself on import
+    if name not in TASKS: import cmp_nb.transfer  # the supervised segmentation task of cmp_transfer
     if name not in TASKS:
         raise ValueError(f"task.name: unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     try: return TASKS[name](cfg, **kw)
