@@ -434,7 +434,7 @@ def main(argv=None) -> int:
                                 description='Pre-train one encoder with each pretext task on equal terms, '
                                 'fine-tune it for segmentation of held-out synthetic scenes and compare the '
                                 'mIoU. Resumable: rerun the same command to continue.')
-    p.add_argument('--config', '-c', help='transfer settings YAML (default: configs/transfer.yaml)')
+    p.add_argument('--config', '-c', help='transfer settings YAML (default: configs/transfer/full.yaml)')
     p.add_argument('--quick', action='store_true',
                    help='every stage, tiny (crop 64, a few iterations): about a minute on a CPU')
     p.add_argument('--out', '-o', default='runs/transfer', help='output folder (default: runs/transfer)')
@@ -443,7 +443,7 @@ def main(argv=None) -> int:
                    help='settings overrides, e.g. preset=resnet50-plain crop=256 iters=5000 device=cuda '
                    'finetune.iters=500')
     a = p.parse_intermixed_args(argv)
-    try: s = load_settings(a.config or configs_dir() / 'transfer.yaml', a.quick, a.overrides)
+    try: s = load_settings(a.config or configs_dir() / 'transfer' / 'full.yaml', a.quick, a.overrides)
     except (ValueError, FileNotFoundError) as e: p.error(str(e))
     try: results = run_transfer(s, a.out, progress=not a.no_progress)
     except Interrupted as e:
