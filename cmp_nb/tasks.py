@@ -11,13 +11,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config, as_config
-from .checkpoint import SeededSamples, sample_seed
 from .flow import flow_to_color, tensor_to_image
 from .model import build_model, conv_bn_relu, upsample
 from .pretext import (log_normalise_flow, LogFlowClassLoss, log_logits_to_flow, cross_pixel_loss,
                             cross_pixel_floor, pixel_values, pixel_grid, HypercolumnHead, affine_loss,
                             entropy_loss, SegmentHead)
 from .train import (Task, CMPTask, register_task, build_datasets, collate, evaluate, flow_panel,
+                          held_out_batches,
                           _valid_mask, unwrap)
 
 # %% auto #0
@@ -96,11 +96,10 @@ class LogFlowTask(Task):
     @torch.no_grad()
     def evaluate(self, model, dataset, device, batch_size, max_samples):
         n, was = min(len(dataset), max_samples), model.training
-        ds, sums, count = SeededSamples(dataset), {'epe': 0., 'epe_zero': 0.}, 0
+        sums, count = {'epe': 0., 'epe_zero': 0.}, 0
         model.eval()
         try:
-            for s in range(0, n, batch_size):
-                b = collate([ds[(i, sample_seed(12345, 0, i))] for i in range(s, min(n, s + batch_size))])
+            for b in held_out_batches(dataset, n, batch_size):
                 image, flow = b['image'].to(device).float(), b['flow'].to(device).float()
                 valid = _valid_mask(b, flow)
                 sums['epe'] += _epe_sums(self.flow(model(image), image.shape[-2:]), flow, valid)
@@ -152,12 +151,11 @@ class CPFSTask(Task):
     @torch.no_grad()
     def evaluate(self, model, dataset, device, batch_size, max_samples):
         n, was, g = min(len(dataset), max_samples), model.training, torch.Generator().manual_seed(12345)
-        ds, sums = SeededSamples(dataset), {'cpfs_loss': 0., 'floor': 0., 'constant': 0.}
+        sums = {'cpfs_loss': 0., 'floor': 0., 'constant': 0.}
         sigma = unwrap(model).head.sigma
         model.eval()
         try:
-            for s in range(0, n, batch_size):
-                b = collate([ds[(i, sample_seed(12345, 0, i))] for i in range(s, min(n, s + batch_size))])
+            for b in held_out_batches(dataset, n, batch_size):
                 b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
                 pts, f = self.inputs(b, g)
                 emb = model(b['image'].float(), pts.to(device), b['image'].shape[-2:])
@@ -201,11 +199,10 @@ class S3Task(Task):
     @torch.no_grad()
     def evaluate(self, model, dataset, device, batch_size, max_samples):
         n, was = min(len(dataset), max_samples), model.training
-        ds, sums = SeededSamples(dataset), {'s3_loss': 0., 'one_segment': 0.}
+        sums = {'s3_loss': 0., 'one_segment': 0.}
         model.eval()
         try:
-            for s in range(0, n, batch_size):
-                b = collate([ds[(i, sample_seed(12345, 0, i))] for i in range(s, min(n, s + batch_size))])
+            for b in held_out_batches(dataset, n, batch_size):
                 image, flow = b['image'].to(device).float(), b['flow'].to(device).float()
                 masks, k = model(image, image.shape[-2:]), image.shape[0]
                 sums['s3_loss'] += k * float(self.criterion(masks, flow))

@@ -30,11 +30,11 @@ from .guidance import draw_guidance, nearest_guidance_flow, sparse_to_points
 __all__ = ['AMP_DTYPES', 'NO_RESUME', 'RUN_FILES', 'TASKS', 'EVENTS', 'DistInfo', 'setup_distributed', 'all_reduce_mean',
            'DistBatchNorm2d', 'convert_sync_bn', 'build_datasets', 'collate', 'MapBatches', 'ShardBatches',
            'make_loader', 'autocast_for', 'make_scaler', 'unwrap', 'build_train_model', 'wrap_model', 'batch_to_device',
-           'check_finite', 'predict_flow', 'evaluate', 'flow_panel', 'StopRequest', 'gather_states', 'training_state',
-           'restore_training_state', 'RunDirInUse', 'export_weights', 'Task', 'CMPTask', 'register_task', 'get_task',
-           'Callback', 'Learner', 'StopCB', 'ProgressCB', 'metrics_row', 'MetricsCB', 'TensorBoardCB', 'ValidationCB',
-           'CheckpointCB', 'default_callbacks', 'train', 'to_torchvision_resnet', 'trained_encoder', 'export_encoder',
-           'export_encoder_main', 'main']
+           'check_finite', 'predict_flow', 'held_out_batches', 'evaluate', 'flow_panel', 'StopRequest', 'gather_states',
+           'training_state', 'restore_training_state', 'RunDirInUse', 'export_weights', 'Task', 'CMPTask',
+           'register_task', 'get_task', 'Callback', 'Learner', 'StopCB', 'ProgressCB', 'metrics_row', 'MetricsCB',
+           'TensorBoardCB', 'ValidationCB', 'CheckpointCB', 'default_callbacks', 'train', 'to_torchvision_resnet',
+           'trained_encoder', 'export_encoder', 'export_encoder_main', 'main']
 
 # %% ../nbs/05_train.ipynb #c006
 @dataclass(frozen=True)
@@ -303,6 +303,12 @@ def _valid_mask(batch: dict, flow: torch.Tensor) -> torch.Tensor:
     v = v.to(flow.device).bool()
     return v[:, 0] if v.ndim == 4 else v
 
+def held_out_batches(dataset, n: int, batch_size: int, seed: int = 12345):
+    "Collated batches of the first `n` samples of `dataset`, each sample under its fixed evaluation seed."
+    ds = SeededSamples(dataset)
+    for s in range(0, n, batch_size):
+        yield collate([ds[(i, sample_seed(seed, 0, i))] for i in range(s, min(n, s + batch_size))])
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, device=None, batch_size: int = 8, max_samples: int = None,
              seed: int = 12345, guided: bool = True) -> dict:
@@ -312,12 +318,11 @@ def evaluate(model: nn.Module, dataset, device=None, batch_size: int = 8, max_sa
     n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
     if n == 0: raise ValueError('evaluate: the dataset is empty')
     device = next(unwrap(model).parameters()).device if device is None else torch.device(device)
-    ds, was = SeededSamples(dataset), model.training
+    was = model.training
     sums, count = {'epe': 0., 'epe_zero': 0., **({'epe_nearest': 0.} if guided else {})}, 0
     model.eval()
     try:
-        for s in range(0, n, batch_size):
-            batch = collate([ds[(i, sample_seed(seed, 0, i))] for i in range(s, min(n, s + batch_size))])
+        for batch in held_out_batches(dataset, n, batch_size, seed):
             image, sparse, flow = (batch[k].to(device).float() for k in ('image', 'sparse', 'flow'))
             valid = _valid_mask(batch, flow)
             preds = {'epe': predict_flow(model, image, sparse if guided else torch.zeros_like(sparse)),
