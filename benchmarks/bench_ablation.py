@@ -2,11 +2,17 @@
 
     .venv/bin/python benchmarks/bench_ablation.py [--train] [--scenes 24] [--json out.json] [--markdown out.md]
 
-Variants (all the small CPU encoder, batch 8, 192 px crops, SGD lr 0.05 with warmup, on this 2-core CPU):
+Variants (all the small CPU encoder, batch 8, 192 px crops, on this 2-core CPU):
   quickstart            the shipped quickstart model: plain decoder, classic scenes, the paper's sampler only
   chairs-sampler-400    plain decoder, CHAIRS scenes, the paper's sampler only (data.options.interactive=0), 400 its
   chairs-mixed-400      plain decoder, CHAIRS scenes, half interactive-style guidance, 400 iterations
-  default               the shipped default model: as chairs-mixed, 3600 iterations (configs/base.yaml)
+  stage1-plain          plain decoder (logits at 1/8), CHAIRS scenes, the mix, 3600 its (configs/base.yaml)
+  stage2-refine         + the refine decoder (logits at 1/4, guidance at 1/4), 40 px shifts, 2000 its
+                        (configs/refine.yaml, started from stage1-plain)
+  stage3-attend         + attention over the guided cells, 1600 its (configs/attend.yaml, from stage2-refine)
+  default               the shipped default model: stage3-attend with its local term, 1600 more its
+                        (configs/attend2.yaml, started from stage3-attend)
+total_min adds up the training minutes of a stage and of the stages it started from.
 --train runs the two 400-iteration variants into runs/ablation/ first (about 5 minutes each on one core; a variant whose
 run dir already holds model.pt is not trained again). Figures (a), (b), (d), (e) as in bench_shipped.py, on
 the same held-out scenes (Sintel is left to bench_shipped.py). Training times come from each run's summary.json.
@@ -28,7 +34,11 @@ def _options(interactive: float) -> str:
 RUNS = {'chairs-sampler-400': ['train.iters=400', 'train.threads=1', _options(0.0)],
         'chairs-mixed-400': ['train.iters=400', 'train.threads=1', _options(0.5)]}
 SHIPPED = {'quickstart': ('data_samples/quickstart.pt', 'data_samples/quickstart_run/summary.json'),
+           'stage1-plain': ('data_samples/default_run/stage1/model.pt', 'data_samples/default_run/stage1/summary.json'),
+           'stage2-refine': ('data_samples/default_run/stage2/model.pt', 'data_samples/default_run/stage2/summary.json'),
+           'stage3-attend': ('data_samples/default_run/stage3/model.pt', 'data_samples/default_run/stage3/summary.json'),
            'default': ('data_samples/default.pt', 'data_samples/default_run/summary.json')}
+PARENT = {'stage2-refine': 'stage1-plain', 'stage3-attend': 'stage2-refine', 'default': 'stage3-attend'}
 
 
 def main(argv=None) -> int:
@@ -51,9 +61,12 @@ def main(argv=None) -> int:
     rows, t0 = {}, time.time()
     for name, (ck, summ) in files.items():
         if not ck.exists(): print(f'{name}: {ck} missing, skipped (run with --train)', file=sys.stderr); continue
-        m = propagator_method(load_propagator(str(ck), device='cpu'))
+        prop = load_propagator(str(ck), device='cpu')
+        m = propagator_method(prop)
         s = json.loads(summ.read_text()) if summ.exists() else {}
-        rows[name] = {'iterations': s.get('iteration', float('nan')), 'train_min': s.get('wall_time_s', float('nan')) / 60,
+        rows[name] = {'params_M': sum(q.numel() for q in prop.model.parameters()) / 1e6,
+                      'iterations': s.get('iteration', float('nan')), 'train_min': s.get('wall_time_s', float('nan')) / 60,
+                      'total_min': s.get('wall_time_s', float('nan')) / 60 + (rows.get(PARENT[name], {}).get('total_min', float('nan')) if name in PARENT else 0),
                       'drag_iou': drag_iou(m, drag), 'guided_epe': guided_epe(m, moving),
                       **{f'mag_err_{L}px': v for L, v in magnitude_error(m, drag, (5, 20, 40)).items()},
                       'static_cut': static_cut(m, drag)}

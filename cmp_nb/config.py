@@ -21,6 +21,7 @@ __all__ = ['SECTIONS', 'DEFAULTS', 'FREE_FORM', 'NONE_TYPED', 'RANGES', 'ODD', '
 class ModelConfig:
     preset: str = 'small'                 # a cmp_nb.model.build_model preset
     kwargs: dict = field(default_factory=dict)   # free-form: extra build_model(**kwargs), e.g. nbins, fmax
+    init: str | None = None               # warm start: a model file whose fitting tensors start the model
 
 @dataclass
 class TaskConfig:
@@ -124,7 +125,7 @@ def valid_keys(cfg: dict = None, prefix: str = '') -> list[str]:
     return out
 
 # %% ../nbs/05a_config.ipynb #c011
-NONE_TYPED = {'data.max_points': 0, 'ckpt.resume': '', 'data.train': ('path',), 'data.val': ('path',)}
+NONE_TYPED = {'data.max_points': 0, 'ckpt.resume': '', 'model.init': '', 'data.train': ('path',), 'data.val': ('path',)}
 
 def _coerce(key: str, value, default):
     "`value` converted to the type of `default`, or a ValueError naming the key."

@@ -9,14 +9,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import resnet18, resnet50
+from .losses import bin_centers
 from .checkpoint import read_checkpoint, TRAIN_FORMAT, WEIGHTS_FORMAT, LEGACY_FORMAT
 from .checkpoint import AUTHORS_FORMAT, STATE_DICT_FORMAT
 
 # %% auto #0
 __all__ = ['PRESETS', 'MODEL_FORMATS', 'conv_bn_relu', 'dilate_stage', 'ResNetEncoder', 'AlexNetEncoder', 'SparseEncoder',
-           'conv_part', 'upsample', 'PropagationNets', 'PlainDecoder', 'SkipDecoder', 'CMP', 'cmp_resnet50_skip',
-           'cmp_resnet50', 'cmp_alexnet', 'cmp_small', 'cmp_small_skip', 'preset_defaults', 'build_model',
-           'infer_preset', 'load_weights', 'load_model_file', 'load_official_checkpoint']
+           'conv_part', 'upsample', 'PropagationNets', 'PlainDecoder', 'SkipDecoder', 'RefineDecoder', 'AttendDecoder',
+           'CMP', 'cmp_resnet50_skip', 'cmp_resnet50', 'cmp_alexnet', 'cmp_small', 'cmp_small_skip', 'cmp_small_refine',
+           'cmp_small_attend', 'preset_defaults', 'build_model', 'infer_preset', 'load_weights', 'load_model_file',
+           'load_official_checkpoint', 'init_weights']
 
 # %% ../nbs/02_model.ipynb #ef0faca6
 def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1, padding: int | None = None) -> list:
@@ -164,13 +166,13 @@ class PlainDecoder(PropagationNets):
         self.head = nn.Conv2d(width * len(self.combo), out_dim, 1)
         self.in_stride = self.out_stride = in_stride
 
-    def forward(self, x: torch.Tensor, skips: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skips: dict | None = None, sparse: torch.Tensor | None = None) -> torch.Tensor:
         "Textbook decoder on `x` = cat[image features, sparse features]."
         return self.head(self.branches(x))
 
     def precompute(self, enc: dict) -> dict: return self.precompute_branches(enc['features'])
-    def propagate(self, pre: dict, sparse: torch.Tensor) -> torch.Tensor:
-        return self.head(self.propagate_branches(pre, sparse))
+    def propagate(self, pre: dict, sparse_features: torch.Tensor, sparse: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.propagate_branches(pre, sparse_features))
 
 # %% ../nbs/02_model.ipynb #41610fe7
 class SkipDecoder(PropagationNets):
@@ -187,7 +189,7 @@ class SkipDecoder(PropagationNets):
         self.fusion2 = nn.Sequential(*conv_bn_relu(128 + 32, 64))    # input cat[upsampled fusion4, skipconv2]
         self.head = nn.Conv2d(64, out_dim, 1)
 
-    def forward(self, x: torch.Tensor, skips: dict) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skips: dict, sparse: torch.Tensor | None = None) -> torch.Tensor:
         "Textbook decoder on `x` = cat[image, sparse features]; `skips` holds the encoder's 'skip4', 'skip2'."
         y = upsample(self.fusion8(self.branches(x)), skips['skip4'].shape[-2:])
         y = self.fusion4(torch.cat([y, self.skipconv4(skips['skip4'])], 1))
@@ -202,12 +204,95 @@ class SkipDecoder(PropagationNets):
         pre['fuse2'] = conv_part(self.fusion2[0], self.skipconv2(enc['skip2']), 128, 160, bias=True)
         return pre
 
-    def propagate(self, pre: dict, sparse: torch.Tensor) -> torch.Tensor:
-        y = upsample(self.fusion8(self.propagate_branches(pre, sparse)), pre['fuse4'].shape[-2:])
+    def propagate(self, pre: dict, sparse_features: torch.Tensor, sparse: torch.Tensor | None = None) -> torch.Tensor:
+        y = upsample(self.fusion8(self.propagate_branches(pre, sparse_features)), pre['fuse4'].shape[-2:])
         y = self.fusion4[1:](pre['fuse4'] + conv_part(self.fusion4[0], y, 0, 256, bias=False))
         y = upsample(y, pre['fuse2'].shape[-2:])
         y = self.fusion2[1:](pre['fuse2'] + conv_part(self.fusion2[0], y, 0, 128, bias=False))
         return self.head(y)
+
+# %% ../nbs/02_model.ipynb #9c331d1c
+class RefineDecoder(PlainDecoder):
+    "The plain decoder's logits at 1/8, upsampled, plus a zero-initialised residual at 1/4 from skip4 and the guidance."
+    def __init__(self, image_dim=256, sparse_dim=16, out_dim=198, combo=(1, 2, 4), width=128, n_convs=2,
+                 skip_dim: int = 64, refine_width: int = 64, guide_dim: int = 16):
+        super().__init__(image_dim, sparse_dim, out_dim, combo, width, n_convs, in_stride=8)
+        self.out_stride = 4
+        self.context = nn.Sequential(*conv_bn_relu(width * len(self.combo), refine_width, 1))
+        self.skipconv = nn.Sequential(*conv_bn_relu(skip_dim, 32, 1))
+        self.guide = nn.Sequential(*conv_bn_relu(4, guide_dim, 5, stride=2), nn.MaxPool2d(2, 2))
+        self.fuse = nn.Sequential(*conv_bn_relu(refine_width + 32 + guide_dim, refine_width),
+                                  *conv_bn_relu(refine_width, refine_width))
+        self.refine = nn.Conv2d(refine_width, out_dim, 1)
+        nn.init.zeros_(self.refine.weight); nn.init.zeros_(self.refine.bias)
+
+    def _refined(self, branches: torch.Tensor, skip: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        if sparse is None: raise ValueError('RefineDecoder needs the guidance itself: pass sparse=(B,4,H,W)')
+        size = skip.shape[-2:]
+        B = branches.shape[0]
+        feats = torch.cat([upsample(self.context(branches), size), skip.expand(B, -1, -1, -1)], 1)
+        logits = upsample(self.head(branches), size) + self.refine(self.fuse(torch.cat([feats, self.guide(sparse)], 1)))
+        return self.mix(logits, feats, sparse)
+
+    def mix(self, logits: torch.Tensor, feats: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        "The logits at 1/4 as they are (`AttendDecoder` mixes in the guided cells' motion here)."
+        return logits
+
+    def forward(self, x: torch.Tensor, skips: dict, sparse: torch.Tensor | None = None) -> torch.Tensor:
+        "Textbook decoder on `x` = cat[image, sparse features]; `skips['skip4']` and the guidance `sparse`."
+        return self._refined(self.branches(x), self.skipconv(skips['skip4']), sparse)
+
+    def precompute(self, enc: dict) -> dict:
+        "Branch image halves, plus `skip` (the 1/4 image features after `skipconv`)."
+        return {**self.precompute_branches(enc['features']), 'skip': self.skipconv(enc['skip4'])}
+
+    def propagate(self, pre: dict, sparse_features: torch.Tensor, sparse: torch.Tensor | None = None) -> torch.Tensor:
+        return self._refined(self.propagate_branches(pre, sparse_features), pre['skip'], sparse)
+
+# %% ../nbs/02_model.ipynb #ea074993
+class AttendDecoder(RefineDecoder):
+    "The refine decoder, then each pixel's bins mixed with the guided cells' bins by attention over image embeddings."
+    def __init__(self, image_dim=256, sparse_dim=16, out_dim=198, combo=(1, 2, 4), width=128, n_convs=2,
+                 skip_dim: int = 64, refine_width: int = 64, guide_dim: int = 16, embed_dim: int = 32,
+                 fmax: float = 50.):
+        super().__init__(image_dim, sparse_dim, out_dim, combo, width, n_convs, skip_dim, refine_width, guide_dim)
+        self.nbins, self.fmax = out_dim // 2, float(fmax)
+        self.embed = nn.Conv2d(refine_width + 32, embed_dim, 1)
+        self.null = nn.Conv2d(refine_width + 32, 1, 1)
+        nn.init.zeros_(self.null.weight); nn.init.constant_(self.null.bias, 4.)
+        self.log_sim = nn.Parameter(torch.tensor(0.))      # t = 5 exp(log_sim)
+        self.log_dist = nn.Parameter(torch.tensor(0.))     # d = 20 exp(log_dist)
+        self.local = nn.Parameter(torch.tensor(1.))        # bonus of a token within about a cell of its pixel
+
+    def tokens(self, sparse: torch.Tensor, size) -> tuple:
+        "Guided cells at `size`: (index (B,K) into h*w, valid (B,K), motion (B,K,2)); K = most cells in a sample."
+        s = sparse.shape[-1] // size[1]
+        m = sparse[:, 2:3]
+        n = F.avg_pool2d(m, s) * s * s                                 # guided pixels per cell
+        uv = F.avg_pool2d(sparse[:, :2] * m, s) * s * s / n.clamp_min(1)
+        on = (n > 0).flatten(1)                                        # (B, h*w)
+        K = max(int(on.sum(1).max()), 1)
+        idx = on.float().topk(K, dim=1).indices                        # guided cells first
+        return idx, on.gather(1, idx), uv.flatten(2).gather(2, idx[:, None].expand(-1, 2, -1)).transpose(1, 2)
+
+    def mix(self, logits: torch.Tensor, feats: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        B, _, h, w = logits.shape
+        idx, valid, motion = self.tokens(sparse, (h, w))
+        e = F.normalize(self.embed(feats), dim=1).flatten(2)                       # (B, E, hw)
+        eg = e.gather(2, idx[:, None].expand(-1, e.shape[1], -1))                   # (B, E, K)
+        yy, xx = torch.meshgrid(torch.arange(h, device=e.device), torch.arange(w, device=e.device), indexing='ij')
+        pos = torch.stack([yy.flatten(), xx.flatten()], 1).to(e.dtype) / max(h, w)  # (hw, 2)
+        d2 = ((pos[None, :, None] - pos[idx][:, None]) ** 2).sum(-1)                # (B, hw, K)
+        score = (5 * self.log_sim.exp() * torch.einsum('bep,bek->bpk', e, eg) - 20 * self.log_dist.exp() * d2
+                 + self.local * torch.exp(-0.5 * d2 * max(h, w) ** 2))       # d2 * max(h, w)^2: cells squared
+        score = score.masked_fill(~valid[:, None], float('-inf'))
+        a = torch.cat([score, self.null(feats).flatten(2).transpose(1, 2)], 2).softmax(2)   # (B, hw, K+1)
+        c = bin_centers(self.nbins, self.fmax, e.device, e.dtype)
+        step = 2 * self.fmax / self.nbins
+        tok = (-0.5 * ((c - motion[..., None]) / step) ** 2).softmax(-1)             # (B, K, 2, nbins)
+        own = logits.view(B, 2, self.nbins, h * w).softmax(2)                       # (B, 2, nbins, hw)
+        p = torch.einsum('bpk,bkcn->bcnp', a[..., :-1], tok) + a[..., -1][:, None, None] * own
+        return p.clamp_min(1e-6).log().reshape(B, 2 * self.nbins, h, w)
 
 # %% ../nbs/02_model.ipynb #640bdad8
 def _check_tensor(t, name: str, channels: int, layout: str) -> None:
@@ -280,7 +365,8 @@ class CMP(nn.Module):
         fb, sb = features['image'].shape[0], sparse.shape[0]
         if fb not in (1, sb):
             raise ValueError(f'features batch {fb} does not fit sparse batch {sb} (equal, or features 1)')
-        return self.flow_decoder.propagate(features, self.flow_encoder(sparse.to(self._dtype())))
+        sparse = sparse.to(self._dtype())
+        return self.flow_decoder.propagate(features, self.flow_encoder(sparse), sparse)
 
     def forward(self, image: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         "`propagate(encode(image), sparse)`."
@@ -292,10 +378,11 @@ class CMP(nn.Module):
         _check_pair(image, sparse)
         self._check_size(image, 'image')
         enc = self.image_encoder(image.to(self._dtype()))
-        sp = self.flow_encoder(sparse.to(self._dtype()))
+        sparse = sparse.to(self._dtype())
+        sp = self.flow_encoder(sparse)
         x = torch.cat([enc['features'].expand(sp.shape[0], -1, -1, -1), sp], 1)
         skips = {k: v.expand(sp.shape[0], -1, -1, -1) for k, v in enc.items()}
-        return self.flow_decoder(x, skips)
+        return self.flow_decoder(x, skips, sparse.expand(sp.shape[0], -1, -1, -1))
 
 # %% ../nbs/02_model.ipynb #1e850c2c
 def _logits_dim(nbins: int) -> int:
@@ -354,9 +441,29 @@ def cmp_small_skip(img_enc_dim: int = 256, sparse_enc_dim: int = 16, combo: tupl
     dec = SkipDecoder(img_enc_dim, sparse_enc_dim, out, combo, width, n_convs, skip_dims=enc.skip_dims)
     return _assemble('small-skip', enc, dec, sparse_enc_dim, nbins, fmax)
 
+def cmp_small_refine(img_enc_dim: int = 256, sparse_enc_dim: int = 16, combo: tuple = (1, 2, 4), width: int = 128,
+                     n_convs: int = 2, refine_width: int = 64, nbins: int = 99, fmax: float = 50.) -> CMP:
+    "Preset `small-refine`: `small` plus the refine decoder's residual at 1/4 (its plain part has `small`'s names)."
+    out = _logits_dim(nbins)
+    enc = ResNetEncoder('resnet18', img_enc_dim, n_stages=2)
+    dec = RefineDecoder(img_enc_dim, sparse_enc_dim, out, combo, width, n_convs, skip_dim=enc.skip_dims[1],
+                        refine_width=refine_width)
+    return _assemble('small-refine', enc, dec, sparse_enc_dim, nbins, fmax)
+
+def cmp_small_attend(img_enc_dim: int = 256, sparse_enc_dim: int = 16, combo: tuple = (1, 2, 4), width: int = 128,
+                     n_convs: int = 2, refine_width: int = 64, embed_dim: int = 32, nbins: int = 99,
+                     fmax: float = 50.) -> CMP:
+    "Preset `small-attend`: `small-refine` whose pixels then attend to the guided cells (logits at 1/4)."
+    out = _logits_dim(nbins)
+    enc = ResNetEncoder('resnet18', img_enc_dim, n_stages=2)
+    dec = AttendDecoder(img_enc_dim, sparse_enc_dim, out, combo, width, n_convs, skip_dim=enc.skip_dims[1],
+                        refine_width=refine_width, embed_dim=embed_dim, fmax=fmax)
+    return _assemble('small-attend', enc, dec, sparse_enc_dim, nbins, fmax)
+
 # %% ../nbs/02_model.ipynb #1e850c35
 PRESETS = {'resnet50-skip-official': cmp_resnet50_skip, 'resnet50-plain': cmp_resnet50,
-           'alexnet-plain': cmp_alexnet, 'small': cmp_small, 'small-skip': cmp_small_skip}
+           'alexnet-plain': cmp_alexnet, 'small': cmp_small, 'small-skip': cmp_small_skip,
+           'small-refine': cmp_small_refine, 'small-attend': cmp_small_attend}
 
 def preset_defaults(name: str) -> dict:
     "The options of preset `name`, with the defaults its builder declares."
@@ -373,7 +480,8 @@ def build_model(name: str, **options) -> CMP:
 # %% ../nbs/02_model.ipynb #930d9610
 _ARCHITECTURES = {('resnet50', 'skip'): 'resnet50-skip-official', ('resnet50', 'plain'): 'resnet50-plain',
                   ('alexnet', 'plain'): 'alexnet-plain', ('resnet18', 'plain'): 'small',
-                  ('resnet18', 'skip'): 'small-skip'}   # (image encoder, decoder) -> preset
+                  ('resnet18', 'skip'): 'small-skip', ('resnet18', 'refine'): 'small-refine',
+                  ('resnet18', 'attend'): 'small-attend'}   # (image encoder, decoder) -> preset
 
 def infer_preset(state_dict: dict, source: str = 'state dict') -> tuple[str, dict]:
     "(preset name, options that differ from its defaults) that build a model with the keys of `state_dict`."
@@ -382,6 +490,8 @@ def infer_preset(state_dict: dict, source: str = 'state dict') -> tuple[str, dic
            'resnet50' if 'image_encoder.layer1.0.conv3.weight' in k else
            'resnet18' if 'image_encoder.layer1.0.conv2.weight' in k else None)
     dec = ('skip' if 'flow_decoder.fusion8.0.weight' in k else
+           'attend' if 'flow_decoder.embed.weight' in k else
+           'refine' if 'flow_decoder.refine.weight' in k else
            'plain' if 'flow_decoder.head.weight' in k else None)
     if (enc, dec) not in _ARCHITECTURES:
         raise ValueError(f'{source}: cannot tell the architecture from its keys (image encoder: {enc}, '
@@ -446,3 +556,17 @@ def load_model_file(path, model: CMP | None = None, formats=MODEL_FORMATS, what:
 def load_official_checkpoint(path, model: CMP | None = None) -> CMP:
     "An authors' released checkpoint (or a bare state dict) in `model`, or in the preset its keys imply."
     return load_model_file(path, model, (AUTHORS_FORMAT, STATE_DICT_FORMAT), what='checkpoint')[0]
+
+# %% ../nbs/02_model.ipynb #22c31fc6
+def init_weights(model: nn.Module, path, what: str = 'init weights') -> dict:
+    "Copy from model file `path` every tensor whose name and shape fit `model`: `{'loaded', 'new', 'skipped'}` names."
+    ck, fmt = read_checkpoint(path, MODEL_FORMATS, what)
+    source = f'{what} {path}'
+    own, sd = model.state_dict(), _state_dict(ck, fmt, source)
+    fit = {n: v.to(own[n].dtype) for n, v in sd.items() if n in own and v.shape == own[n].shape}
+    if not fit:
+        raise ValueError(f'{source}: no tensor fits the model (preset {getattr(model, "preset", None) or type(model).__name__}) by name and shape; '
+                         f'file keys start {sorted(sd)[:3]}, model keys {list(own)[:3]}')
+    model.load_state_dict(fit, strict=False)
+    return {'loaded': list(fit), 'skipped': [n for n in sd if n not in fit],
+            'new': [n for n in own if n not in fit and not n.endswith('num_batches_tracked')]}

@@ -22,7 +22,7 @@ from .config import (Config, CkptConfig, as_config, load_config, save_config, ch
 from .checkpoint import (TRAIN_FORMAT, WEIGHTS_FORMAT, ENCODER_FORMAT, Checkpoints, ResumableBatchSampler, SeededSamples, load_checkpoint,
                                atomic_save, rng_state, set_rng_state, seed_everything, sample_seed)
 from .flow import flow_to_color, tensor_to_image
-from .model import build_model
+from .model import build_model, init_weights
 from .losses import DiscreteFlowLoss, logits_to_flow, logits_to_dense_flow
 from .guidance import draw_guidance, nearest_guidance_flow, sparse_to_points
 
@@ -262,6 +262,12 @@ def build_train_model(cfg: dict | Config, info: DistInfo, task=None) -> nn.Modul
     wrapped)."""
     cfg = as_config(cfg)
     model = (task if task is not None else get_task(cfg)).build_model()
+    if cfg.model.init:                                     # warm start (a resume then overwrites it all)
+        rep = init_weights(model, cfg.model.init, what='model.init')
+        if info.is_main:
+            new = f" ({', '.join(rep['new'][:3])}{' ...' if len(rep['new']) > 3 else ''})" if rep['new'] else ''
+            print(f"cmp_train: model.init {cfg.model.init}: {len(rep['loaded'])} tensors loaded, "
+                  f"{len(rep['new'])} new{new}, {len(rep['skipped'])} in the file unused", flush=True)
     if cfg.train.sync_bn and info.distributed: model = convert_sync_bn(model, info.device)
     model = model.to(info.device)
     if cfg.train.channels_last: model = model.to(memory_format=torch.channels_last)

@@ -14,7 +14,8 @@ RELEASED = {'resnet50_skiplayer_semiauto': 'resnet50-skip-official',
             'alexnet_plain_voc': 'alexnet-plain'}
 
 
-LOGITS_STRIDE = {'resnet50-skip-official': 2, 'resnet50-plain': 8, 'alexnet-plain': 32, 'small': 8, 'small-skip': 2}
+LOGITS_STRIDE = {'resnet50-skip-official': 2, 'resnet50-plain': 8, 'alexnet-plain': 32, 'small': 8, 'small-skip': 2,
+                 'small-refine': 4, 'small-attend': 4}
 
 
 @pytest.fixture(scope='module')
@@ -121,6 +122,8 @@ PRESET_STATE_DICTS = {
     'alexnet-plain': (109, 32502694, 'a497da3aa40eaa00701c2b75f57be7d6df364a4a55b587943f458c5860ddf9de'),
     'small': (120, 2181030, 'ffef3179252d02093e6bdbfea8d59b1a40cdd32b666e7740539e8f661e4385cf'),
     'small-skip': (197, 4978758, '8604af5fa3895c2e0ab763df3a954b44ce03f809eb93dd7dba10dfdc5bd45bfe'),
+    'small-refine': (157, 2324220, '19a1733f76468c339d3707e7d6dc7c5f8f2ed8ce8a2014ac72f795420dd3073a'),
+    'small-attend': (164, 2327424, '188d70ecaad20d1231b69ee997b5f63ed55cfd20066eb7a5bdcd037b4854a90d'),
 }
 
 
