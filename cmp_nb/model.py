@@ -220,8 +220,9 @@ class RefineDecoder(PlainDecoder):
         self.out_stride = 4
         self.context = nn.Sequential(*conv_bn_relu(width * len(self.combo), refine_width, 1))
         self.skipconv = nn.Sequential(*conv_bn_relu(skip_dim, 32, 1))
+        self.feat_dim = refine_width + 32             # channels of `feats`: context + skip
         self.guide = nn.Sequential(*conv_bn_relu(4, guide_dim, 5, stride=2), nn.MaxPool2d(2, 2))
-        self.fuse = nn.Sequential(*conv_bn_relu(refine_width + 32 + guide_dim, refine_width),
+        self.fuse = nn.Sequential(*conv_bn_relu(self.feat_dim + guide_dim, refine_width),
                                   *conv_bn_relu(refine_width, refine_width))
         self.refine = nn.Conv2d(refine_width, out_dim, 1)
         nn.init.zeros_(self.refine.weight); nn.init.zeros_(self.refine.bias)
@@ -257,8 +258,8 @@ class AttendDecoder(RefineDecoder):
                  fmax: float = 50.):
         super().__init__(image_dim, sparse_dim, out_dim, combo, width, n_convs, skip_dim, refine_width, guide_dim)
         self.nbins, self.fmax = out_dim // 2, float(fmax)
-        self.embed = nn.Conv2d(refine_width + 32, embed_dim, 1)
-        self.null = nn.Conv2d(refine_width + 32, 1, 1)
+        self.embed = nn.Conv2d(self.feat_dim, embed_dim, 1)
+        self.null = nn.Conv2d(self.feat_dim, 1, 1)
         nn.init.zeros_(self.null.weight); nn.init.constant_(self.null.bias, 4.)
         self.log_sim = nn.Parameter(torch.tensor(0.))      # t = 5 exp(log_sim)
         self.log_dist = nn.Parameter(torch.tensor(0.))     # d = 20 exp(log_dist)
@@ -288,8 +289,7 @@ class AttendDecoder(RefineDecoder):
         score = score.masked_fill(~valid[:, None], float('-inf'))
         a = torch.cat([score, self.null(feats).flatten(2).transpose(1, 2)], 2).softmax(2)   # (B, hw, K+1)
         c = bin_centers(self.nbins, self.fmax, e.device, e.dtype)
-        step = 2 * self.fmax / self.nbins
-        tok = (-0.5 * ((c - motion[..., None]) / step) ** 2).softmax(-1)             # (B, K, 2, nbins)
+        tok = (-0.5 * ((c - motion[..., None]) / (c[1] - c[0])) ** 2).softmax(-1)    # one bin wide             # (B, K, 2, nbins)
         own = logits.view(B, 2, self.nbins, h * w).softmax(2)                       # (B, 2, nbins, hw)
         p = torch.einsum('bpk,bkcn->bcnp', a[..., :-1], tok) + a[..., -1][:, None, None] * own
         return p.clamp_min(1e-6).log().reshape(B, 2 * self.nbins, h, w)
@@ -565,7 +565,8 @@ def init_weights(model: nn.Module, path, what: str = 'init weights') -> dict:
     own, sd = model.state_dict(), _state_dict(ck, fmt, source)
     fit = {n: v.to(own[n].dtype) for n, v in sd.items() if n in own and v.shape == own[n].shape}
     if not fit:
-        raise ValueError(f'{source}: no tensor fits the model (preset {getattr(model, "preset", None) or type(model).__name__}) by name and shape; '
+        name = getattr(model, 'preset', None) or type(model).__name__
+        raise ValueError(f'{source}: no tensor fits the model (preset {name}) by name and shape; '
                          f'file keys start {sorted(sd)[:3]}, model keys {list(own)[:3]}')
     model.load_state_dict(fit, strict=False)
     return {'loaded': list(fit), 'skipped': [n for n in sd if n not in fit],
