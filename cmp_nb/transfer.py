@@ -19,18 +19,19 @@ from .core import atomic_write_text, pick_device
 from .checkpoint import atomic_save, load_torch_file, seed_everything
 from .config import as_config, load_config, merge_config, parse_override
 from .flow import IMAGE_MEAN, IMAGE_STD, image_to_tensor
-from .model import build_model, upsample
+from .model import build_model, preset_defaults, upsample
 from .synthetic import make_clip, make_scene
-from .train import Task, register_task, train, trained_encoder
+from .train import Task, get_task, register_task, train, trained_encoder
 from .tasks import DenseHead, PretextNet, feature_channels, feature_maps
 
 # %% auto #0
 __all__ = ['SEG_CLASSES', 'FINETUNE_SEED', 'EVAL_SEED', 'PRETEXTS', 'METHODS', 'TASK_OF', 'DEFAULTS', 'QUICK', 'part_classes',
            'labelled_frame', 'labelled_frames', 'images_to_tensor', 'LabelledScenes', 'seg_loss', 'SegmentTask',
            'LinearHead', 'SegNet', 'confusion', 'iou_scores', 'evaluate_segmentation', 'batch_stream', 'finetune',
-           'merge_settings', 'configs_dir', 'load_settings', 'check_settings', 'pretrain_config', 'pretrain_record',
-           'random_encoder', 'Interrupted', 'pretrain', 'data_record', 'labelled_data', 'finetune_jobs',
-           'finetune_record', 'finetune_job', 'task_summary', 'run_transfer', 'results_table', 'plot_results', 'main']
+           'merge_settings', 'configs_dir', 'load_settings', 'check_settings', 'analysis_variants', 'pretrain_config',
+           'pretrain_record', 'random_encoder', 'Interrupted', 'pretrain', 'data_record', 'labelled_data',
+           'finetune_jobs', 'finetune_record', 'finetune_job', 'task_summary', 'guidance_points', 'run_analyses',
+           'run_transfer', 'results_table', 'plot_results', 'analysis_table', 'plot_analyses', 'main']
 
 # %% ../nbs/11_transfer.ipynb #e43de466
 SEG_CLASSES = ('background', 'shape', 'body', 'limb')
@@ -193,6 +194,11 @@ DEFAULTS = {
     'pretrain_overrides': [],       # more cmp_train key=value items, for every pre-training run
     'finetune': {'n_train': [20, 100, 500], 'n_eval': 200, 'seeds': [0, 1, 2], 'iters': 300, 'batch_size': 8,
                  'lr': 1.0e-3, 'encoder_lr_mult': 0.1, 'hidden': 64, 'linear_iters': 300, 'linear_lr': 1.0e-2},
+    'analyses': {                   # CMP's own analyses, each a set of extra `cmp` pre-training runs
+        'density': [],              # [[nms_ks, grid_stride or null], ...]: guidance density (CMP Fig. 4)
+        'propagation': [],          # [[1], [1, 2], ...]: propagation-net strides, model.kwargs.combo (Fig. 5)
+        'points_samples': 64,       # training crops over which the mean guidance points per crop is counted
+    },
     'quick': False,
 }
 QUICK = {'crop': 64, 'iters': 12, 'batch_size': 4, 'quick': True,
@@ -200,7 +206,8 @@ QUICK = {'crop': 64, 'iters': 12, 'batch_size': 4, 'quick': True,
                                 'log.tensorboard=false', 'log.image_every=0', 'ckpt.every=6',
                                 'data.num_workers=0'],
          'finetune': {'n_train': [4, 16], 'n_eval': 16, 'seeds': [0, 1], 'iters': 12, 'batch_size': 4,
-                      'linear_iters': 12}}
+                      'linear_iters': 12},
+         'analyses': {'density': [[15, 24]], 'propagation': [[1]], 'points_samples': 8}}
 
 # %% ../nbs/11_transfer.ipynb #5d6b1dbf
 def merge_settings(s: dict, new: dict, source: str = 'settings', _prefix: str = '') -> dict:
@@ -238,6 +245,20 @@ def check_settings(s: dict) -> dict:
     if len(set(F_['seeds'])) < (2 if s['quick'] else 3):
         raise ValueError(f"finetune.seeds: need {'2' if s['quick'] else '3'} or more distinct seeds "
                          f"(2 only with --quick), got {F_['seeds']}")
+    A = s['analyses']
+    for K_G in A['density']:
+        if (not isinstance(K_G, (list, tuple)) or len(K_G) != 2 or not isinstance(K_G[0], int)
+                or not (K_G[1] is None or isinstance(K_G[1], int))):
+            raise ValueError(f'analyses.density: each entry is [nms_ks, grid_stride or null], got {K_G!r}')
+    for combo in A['propagation']:
+        if (not isinstance(combo, (list, tuple)) or not combo or len(set(combo)) != len(combo)
+                or not all(isinstance(c, int) and c >= 1 for c in combo)):
+            raise ValueError(f'analyses.propagation: each entry is a list of distinct net strides >= 1 '
+                             f'(e.g. [1, 2, 4]), got {combo!r}')
+    if (A['density'] or A['propagation']) and 'cmp' not in s['methods']:
+        raise ValueError("analyses vary the cmp pre-training: methods must include 'cmp'")
+    if not isinstance(A['points_samples'], int) or A['points_samples'] < 1:
+        raise ValueError(f"analyses.points_samples must be a positive count, got {A['points_samples']!r}")
     return s
 
 # %% ../nbs/11_transfer.ipynb #b932e325
@@ -245,13 +266,28 @@ def _base_path(s: dict) -> Path:
     p = Path(s['base'])
     return p if p.is_file() else configs_dir() / p
 
+def analysis_variants(s: dict) -> dict:
+    """`{run name: (analysis, cmp_train overrides)}` of the extra `cmp` pre-training runs of `s['analyses']`:
+    `cmp@K<nms_ks>-G<grid_stride>` (density) and `cmp@nets<strides>` (propagation)."""
+    out = {}
+    for K, G in s['analyses']['density']:
+        out[f"cmp@K{K}-G{'none' if G is None else G}"] = (
+            'density', [f'data.nms_ks={K}', f"data.grid_stride={'null' if G is None else G}"])
+    for combo in s['analyses']['propagation']:
+        out['cmp@nets' + '-'.join(map(str, combo))] = (
+            'propagation', ['model.kwargs.combo=[' + ','.join(map(str, combo)) + ']'])
+    return out
+
 def pretrain_config(method: str, s: dict, run_dir) -> dict:
-    "The `cmp_train` config of `method`'s pre-training (not for `random`)."
+    "The `cmp_train` config of `method`'s pre-training (a method, or a run of `analysis_variants`; not `random`)."
+    variant = analysis_variants(s).get(method)
+    if variant: method = 'cmp'
     if method == 'random' or method not in METHODS: raise ValueError(f'no pre-training config for {method!r}')
     over = [f'{k}={s[n]}' for n, k in (('preset', 'model.preset'), ('crop', 'data.crop'),
                                         ('iters', 'train.iters'), ('batch_size', 'train.batch_size'),
                                         ('threads', 'train.threads')) if s[n]]
     over += [f'train.device={pick_device(s["device"]).type}', *s['pretrain_overrides']]
+    if variant: over += variant[1]
     cfg = load_config(_base_path(s), over)
     task = TASK_OF.get(method, method)
     own = configs_dir() / f'{task}.yaml'               # the pretext's own optimiser, if its config has one
@@ -372,6 +408,43 @@ def task_summary(s: dict) -> dict:
         'metric': 'mIoU over the classes present in or predicted on the evaluation set', 'quick': s['quick'],
         'device': pick_device(s['device']).type})
 
+def guidance_points(cfg: dict, n: int) -> float:
+    "Mean number of guidance points per training crop of a `cmp_train` config, over its first `n` samples."
+    train_set = get_task(cfg).build_datasets()[0]
+    return float(np.mean([float((train_set[i]['sparse'][2] > 0).sum()) for i in range(n)]))
+
+def run_analyses(s: dict, data: dict, out, main: dict, progress: bool = True) -> dict:
+    """Pre-train and fine-tune (main N, every seed) each run of `analysis_variants`; with the main table's
+    `cmp` (and `flow`, the 0-point end) as rows of the density sweep and `cmp` as a row of the nets."""
+    from tqdm.auto import tqdm
+    seeds, main_n, n_pts = s['finetune']['seeds'], max(s['finetune']['n_train']), s['analyses']['points_samples']
+    cmp_rec = pretrain_record('cmp', s)
+    runs = {v: a for v, (a, _) in analysis_variants(s).items() if pretrain_record(v, s) != cmp_rec}
+    miou = {m: main[m]['miou'] for m in ('cmp', 'flow') if m in main}
+    for v in tqdm(runs, desc='analyses', disable=not progress):
+        enc = pretrain(v, s, out)[1]
+        miou[v] = [finetune_job(enc, v, 'full', main_n, k, s, data, out, progress)['miou'] for k in seeds]
+    def row(name):
+        cfg = pretrain_config(name, s, '.')
+        D, M = cfg['data'], cfg['model']
+        combo = M['kwargs'].get('combo', preset_defaults(M['preset']).get('combo'))
+        off = cfg['task']['name'] == 'flow'            # the sampler is off: no guidance at all
+        return {'run': name, 'nms_ks': None if off else D['nms_ks'],
+                'grid_stride': None if off else D['grid_stride'],
+                'points': round(guidance_points(cfg, n_pts), 4), 'combo': list(combo), 'miou': miou[name]}
+    A = {}
+    if s['analyses']['density']:
+        names = [m for m in ('flow', 'cmp') if m in miou] + [v for v in runs if runs[v] == 'density']
+        A['density'] = sorted(map(row, names), key=lambda r: r['points'])
+        best = max(A['density'], key=lambda r: _mean_std(r['miou'])[0])
+        A['density_peak'] = {'run': best['run'], 'points': best['points'],
+                             'miou_mean': _round(_mean_std(best['miou'])[0] / 100)}
+    if s['analyses']['propagation']:
+        names = ['cmp'] + [v for v in runs if runs[v] == 'propagation']
+        A['propagation'] = sorted(map(row, names), key=lambda r: (len(r['combo']), r['combo']))
+    A['points_samples'] = n_pts
+    return A
+
 def run_transfer(s: dict, out, progress: bool = True) -> dict:
     "Every stage of the comparison described by settings `s` into folder `out`; returns the results dict."
     from tqdm.auto import tqdm
@@ -392,6 +465,7 @@ def run_transfer(s: dict, out, progress: bool = True) -> dict:
                'few_shot': {str(n): [scores[m, 'full', n, k] for k in seeds] for n in curve}}
            for m in s['methods']}
     results = {'task': task_summary(s), 'results': res}
+    if analysis_variants(s): results['analyses'] = run_analyses(s, data, out, res, progress)
     atomic_write_text(out / 'results.json', json.dumps(results, indent=1) + '\n')
     return results
 
@@ -427,6 +501,46 @@ def plot_results(results: dict, ax=None):
                  + (' (quick)' if t['quick'] else ''), fontsize=9)
     return ax
 
+def analysis_table(results: dict) -> str:
+    "Markdown tables of the analyses in a results dict (empty if it has none)."
+    A, fmt = results.get('analyses') or {}, lambda v: '{:.1f} ± {:.1f}'.format(*_mean_std(v))
+    out = []
+    if 'density' in A:
+        out += ['| guidance (pre-training run) | nms_ks | grid_stride | points per crop | fine-tuned mIoU % |',
+                '|---|---|---|---|---|']
+        grid = lambda r: r['grid_stride'] or ('-' if r['nms_ks'] else 'sampler off')
+        out += [f"| {r['run']} | {r['nms_ks'] or '-'} | {grid(r)} | {r['points']:.1f} | {fmt(r['miou'])} |"
+                for r in A['density']]
+        p = A['density_peak']
+        out += ['', f"Peak: {p['run']}, {p['points']:.1f} points per crop, mIoU {100 * p['miou_mean']:.1f} %", '']
+    if 'propagation' in A:
+        out += ['| propagation nets (run) | strides | fine-tuned mIoU % |', '|---|---|---|']
+        out += [f"| {r['run']} | {{{', '.join(map(str, r['combo']))}}} | {fmt(r['miou'])} |"
+                for r in A['propagation']]
+    return '\n'.join(out)
+
+def plot_analyses(results: dict, axes=None):
+    "CMP Fig. 4 (fine-tuned mIoU against guidance points per crop) and Fig. 5 (against the nets), error bars."
+    import matplotlib.pyplot as plt
+    A = results.get('analyses') or {}
+    if not A: raise ValueError('this results file has no analyses (settings analyses.density / .propagation)')
+    if axes is None: _, axes = plt.subplots(1, 2, figsize=(9, 3))
+    if 'density' in A:
+        ms = np.array([_mean_std(r['miou']) for r in A['density']])
+        pts = [r['points'] for r in A['density']]
+        axes[0].errorbar(pts, ms[:, 0], yerr=ms[:, 1], marker='o', capsize=3)
+        axes[0].axvline(A['density_peak']['points'], ls=':', c='grey')
+        axes[0].set_xlabel('mean guidance points per crop'); axes[0].set_ylabel('fine-tuned mIoU %')
+        axes[0].set_title('guidance density (CMP Fig. 4)', fontsize=9)
+    if 'propagation' in A:
+        ms = np.array([_mean_std(r['miou']) for r in A['propagation']])
+        labels = ['{' + ','.join(map(str, r['combo'])) + '}' for r in A['propagation']]
+        axes[1].bar(range(len(ms)), ms[:, 0], yerr=ms[:, 1], capsize=3)
+        axes[1].set_xticks(range(len(ms)), labels); axes[1].set_ylabel('fine-tuned mIoU %')
+        axes[1].set_ylim(max(0, ms[:, 0].min() - 3 * max(ms[:, 1].max(), 1)), None)
+        axes[1].set_title('propagation nets (CMP Fig. 5)', fontsize=9)
+    return axes
+
 # %% ../nbs/11_transfer.ipynb #fb6fe12a
 def main(argv=None) -> int:
     "Console script `cmp_transfer`."
@@ -450,6 +564,7 @@ def main(argv=None) -> int:
         print(f'cmp_transfer: {e}; rerun the same command to resume', flush=True)
         return 128 + int(e.signum)
     print(results_table(results))
+    if 'analyses' in results: print(analysis_table(results))
     print(f"cmp_transfer: results in {Path(a.out) / 'results.json'}", flush=True)
     return 0
 

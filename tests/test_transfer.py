@@ -25,6 +25,16 @@ def _check(results: dict, s: dict):
         assert list(r['few_shot']) == [str(n) for n in sorted(s['finetune']['n_train'])], m
         assert r['few_shot'][str(max(s['finetune']['n_train']))] == r['miou'], m
         for v in r['miou'] + r['linear_miou']: assert 0 <= v <= 1, (m, v)
+    A = results['analyses']                              # CMP Fig. 4 and 5 in miniature (QUICK has one of each)
+    dens = {r['run']: r for r in A['density']}
+    assert set(dens) == {'flow', 'cmp', 'cmp@K15-G24'}, list(dens)
+    assert dens['flow']['points'] == 0 and dens['cmp@K15-G24']['points'] > dens['cmp']['points'] > 0, dens
+    assert [r['points'] for r in A['density']] == sorted(r['points'] for r in A['density'])
+    assert dens['cmp']['miou'] == results['results']['cmp']['miou']   # the table's own cmp runs, not new ones
+    assert A['density_peak']['run'] in dens
+    nets = {r['run']: r['combo'] for r in A['propagation']}
+    assert nets == {'cmp@nets1': [1], 'cmp': [1, 2, 4]}, nets
+    for r in A['density'] + A['propagation']: assert len(r['miou']) == k and all(0 <= v <= 1 for v in r['miou'])
 
 
 @pytest.mark.slow
