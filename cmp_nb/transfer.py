@@ -31,7 +31,7 @@ __all__ = ['SEG_CLASSES', 'FINETUNE_SEED', 'EVAL_SEED', 'PRETEXTS', 'METHODS', '
            'merge_settings', 'configs_dir', 'load_settings', 'check_settings', 'analysis_variants', 'pretrain_config',
            'pretrain_record', 'random_encoder', 'Interrupted', 'pretrain', 'data_record', 'labelled_data',
            'finetune_jobs', 'finetune_record', 'finetune_job', 'task_summary', 'guidance_points', 'run_analyses',
-           'run_transfer', 'results_table', 'plot_results', 'analysis_table', 'plot_analyses', 'main']
+           'run_transfer', 'results_table', 'plot_results', 'analysis_table', 'plot_analyses', 'write_report', 'main']
 
 # %% ../nbs/11_transfer.ipynb #e43de466
 SEG_CLASSES = ('background', 'shape', 'body', 'limb')
@@ -542,6 +542,23 @@ def plot_analyses(results: dict, axes=None):
     return axes
 
 # %% ../nbs/11_transfer.ipynb #fb6fe12a
+def write_report(results: dict, out) -> list:
+    "`out/results.md` (the tables) and `out/results.png` (the charts) of a results dict; their paths."
+    import matplotlib
+    if matplotlib.get_backend().lower() not in ('agg', 'module://matplotlib_inline.backend_inline'):
+        matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    out = Path(out)
+    md = results_table(results) + ('\n\n' + analysis_table(results) if 'analyses' in results else '') + '\n'
+    atomic_write_text(out / 'results.md', md)
+    n = 3 if 'analyses' in results else 1
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 3.3), gridspec_kw={'width_ratios': [1.6] + [1] * (n - 1)})
+    axes = np.atleast_1d(axes)
+    plot_results(results, axes[0])
+    if n > 1: plot_analyses(results, axes[1:])
+    fig.tight_layout(); fig.savefig(out / 'results.png', dpi=90); plt.close(fig)
+    return [out / 'results.md', out / 'results.png']
+
 def main(argv=None) -> int:
     "Console script `cmp_transfer`."
     p = argparse.ArgumentParser(prog='cmp_transfer',
@@ -565,7 +582,8 @@ def main(argv=None) -> int:
         return 128 + int(e.signum)
     print(results_table(results))
     if 'analyses' in results: print(analysis_table(results))
-    print(f"cmp_transfer: results in {Path(a.out) / 'results.json'}", flush=True)
+    md, png = write_report(results, a.out)
+    print(f"cmp_transfer: results in {Path(a.out) / 'results.json'}, tables in {md}, charts in {png}", flush=True)
     return 0
 
 if __name__ == '__main__' and globals().get('__file__', '').endswith('transfer.py'): sys.exit(main())

@@ -47,6 +47,9 @@ def test_quick_end_to_end(tmp_path):
     subprocess.run([sys.executable, '-m', 'cmp_nb.transfer', '--quick', '--out', str(b), '--no-progress'],
                    check=True, cwd=tmp_path, env=env, capture_output=True, timeout=900)
     assert (a / 'results.json').read_bytes() == (b / 'results.json').read_bytes(), 'two runs, two files'
+    assert '| cmp@nets1 | {1} |' in (b / 'results.md').read_text()                 # the command's report
+    from PIL import Image
+    assert Image.open(b / 'results.png').size[0] > 3 * Image.open(b / 'results.png').size[1]   # three charts
 
     # a rerun: a pre-training cut off after its first checkpoint resumes, a deleted job is remade, the rest
     # is skipped, and the file comes out the same
