@@ -19,6 +19,14 @@ KEYS = ('image', 'sparse', 'flow', 'valid')
 SMALL = dict(crop=128, short_side=160, nms_ks=31, grid_stride=64)  # fast settings for most tests
 
 
+
+def assert_same_rendering(new, old, what):
+    """Equal, up to one unit on a few pixels: rendered values are floats rounded to integers, and where another
+    CPU (or thread split) differs in the last bits of a value on a .5 boundary, it lands one unit away."""
+    assert new.shape == old.shape, (what, new.shape, old.shape)
+    d = np.abs(new.astype(np.int64) - old.astype(np.int64))
+    assert d.max() <= 1 and (d > 0).mean() < 1e-3, (what, int(d.max()), float((d > 0).mean()))
+
 def same(a, b):
     return all(torch.equal(a[k], b[k]) for k in KEYS) and int(a['index']) == int(b['index'])
 
@@ -181,7 +189,7 @@ def test_synthetic_dataset_is_seed_indexed_and_matches_sample_set():
     ds = SyntheticDataset(10)
     r = ds.raw(0)
     rec = load_manifest(SAMPLES)[0]  # data_samples pair 0 is scene seed 0, frames 0 -> 1
-    assert np.array_equal(r['image'], load_image(rec['image']))
+    assert_same_rendering(r['image'], load_image(rec['image']), rec['image'])
     assert np.abs(r['flow'] - read_flow_png(rec['flow'])[0]).max() <= 1 / 64
     s = ds[3]
     assert set(s) == {'image', 'sparse', 'flow', 'valid', 'index'} and s['image'].shape == (3, 256, 256)
@@ -245,7 +253,7 @@ def test_data_samples_are_what_the_command_makes(tmp_path):
         for k in ('image', 'flow', 'instances', 'parts', 'occlusion'):
             new = cv2.imread(rec[k], cv2.IMREAD_UNCHANGED)
             old = cv2.imread(str(SAMPLES / Path(rec[k]).relative_to(tmp_path)), cv2.IMREAD_UNCHANGED)
-            assert np.array_equal(new, old), rec[k]
+            assert_same_rendering(new, old, rec[k])
 
 
 def test_rank_from_torchrun_environment(tmp_path, monkeypatch):

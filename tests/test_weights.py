@@ -59,9 +59,10 @@ def test_card_states_the_record(name):
 
 @pytest.mark.parametrize('name', [n for n, w in WEIGHTS.items() if w.file is not None])
 def test_shipped_file_is_legacy_and_keeps_its_entry_by_path(name):
-    "The shipped files predate declared formats: they read as cmp_nb.legacy; loaded by path they are still the entry."
+    """The quickstart file predates declared formats (cmp_nb.legacy), the default is a cmp_train weights file;
+    loaded by path, each is still its entry."""
     w = WEIGHTS[name]
-    assert read_checkpoint(REPO / w.file)[1] == LEGACY_FORMAT
+    assert read_checkpoint(REPO / w.file)[1] == (LEGACY_FORMAT if name == 'quickstart' else WEIGHTS_FORMAT)
     model = load_model(str(REPO / w.file))
     assert model.record.name == name
     assert model.record.card == REPO / w.card
