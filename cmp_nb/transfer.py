@@ -424,14 +424,17 @@ def run_analyses(s: dict, data: dict, out, main: dict, progress: bool = True) ->
     for v in tqdm(runs, desc='analyses', disable=not progress):
         enc = pretrain(v, s, out)[1]
         miou[v] = [finetune_job(enc, v, 'full', main_n, k, s, data, out, progress)['miou'] for k in seeds]
+    rows = {}                                          # cmp is a row of both analyses: counted once
     def row(name):
+        if name in rows: return rows[name]
         cfg = pretrain_config(name, s, '.')
         D, M = cfg['data'], cfg['model']
         combo = M['kwargs'].get('combo', preset_defaults(M['preset']).get('combo'))
         off = cfg['task']['name'] == 'flow'            # the sampler is off: no guidance at all
-        return {'run': name, 'nms_ks': None if off else D['nms_ks'],
-                'grid_stride': None if off else D['grid_stride'],
-                'points': round(guidance_points(cfg, n_pts), 4), 'combo': list(combo), 'miou': miou[name]}
+        rows[name] = {'run': name, 'nms_ks': None if off else D['nms_ks'],
+                      'grid_stride': None if off else D['grid_stride'],
+                      'points': round(guidance_points(cfg, n_pts), 4), 'combo': list(combo), 'miou': miou[name]}
+        return rows[name]
     A = {}
     if s['analyses']['density']:
         names = [m for m in ('flow', 'cmp') if m in miou] + [v for v in runs if runs[v] == 'density']
@@ -544,19 +547,16 @@ def plot_analyses(results: dict, axes=None):
 # %% ../nbs/11_transfer.ipynb #fb6fe12a
 def write_report(results: dict, out) -> list:
     "`out/results.md` (the tables) and `out/results.png` (the charts) of a results dict; their paths."
-    import matplotlib
-    if matplotlib.get_backend().lower() not in ('agg', 'module://matplotlib_inline.backend_inline'):
-        matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure              # no pyplot: no backend, no window, nothing left open
     out = Path(out)
     md = results_table(results) + ('\n\n' + analysis_table(results) if 'analyses' in results else '') + '\n'
     atomic_write_text(out / 'results.md', md)
     n = 3 if 'analyses' in results else 1
-    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 3.3), gridspec_kw={'width_ratios': [1.6] + [1] * (n - 1)})
-    axes = np.atleast_1d(axes)
+    fig = Figure(figsize=(5.5 * n, 3.3))
+    axes = np.atleast_1d(fig.subplots(1, n, gridspec_kw={'width_ratios': [1.6] + [1] * (n - 1)}))
     plot_results(results, axes[0])
     if n > 1: plot_analyses(results, axes[1:])
-    fig.tight_layout(); fig.savefig(out / 'results.png', dpi=90); plt.close(fig)
+    fig.tight_layout(); fig.savefig(out / 'results.png', dpi=90)
     return [out / 'results.md', out / 'results.png']
 
 def main(argv=None) -> int:
