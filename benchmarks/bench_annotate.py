@@ -8,6 +8,7 @@ that IoU, `--clicks` if never), NoF@85/90 (objects that never do), mIoU after 1,
 Test sets (`cmp_nb.annotate.annotation_sets`, held-out seeds from ANNOTATION_SEED + 100), reported separately: whole
 objects and articulated parts of synthetic scenes, and objects pasted onto real photographs; exact masks.
 Methods on the same clicks: CMP (`load_propagator()`, the default model, at its training scale; or --weights),
+CMP + GrabCut (GrabCut started from CMP's mask: `click_mask(refine='grabcut')`, not in the paper),
 scikit-image random_walker, OpenCV GrabCut. s/click is the time per click of each method on this CPU (CMP: all
 directions in one batch against cached image features; the image encoding is not counted).
 
@@ -22,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmp_nb.annotate import annotation_benchmark, baselines, results_table, annotation_sets, CLICK_RULES, MAX_CLICKS
+from cmp_nb.annotate import (annotation_benchmark, baselines, results_table, annotation_sets, CLICK_RULES, MAX_CLICKS,
+                             CMPClicks)
 from cmp_nb.propagator import load_propagator
 
 
@@ -35,6 +37,7 @@ def main(argv=None):
     p.add_argument('--rule', default='standard', choices=list(CLICK_RULES))
     p.add_argument('--weights', default=None, help='registry name or file (default: the default model)')
     p.add_argument('--no-baselines', action='store_true')
+    p.add_argument('--no-refine', action='store_true', help="leave out CMP + GrabCut (click_mask's refine='grabcut')")
     p.add_argument('--sets', default='objects,parts,photos')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--json', default=None)
@@ -44,7 +47,8 @@ def main(argv=None):
     prop = load_propagator(a.weights, device='cpu')
     rec = prop.model.record
     label = f"{getattr(rec.weights, 'name', None) or rec.source} (preset {rec.preset}, run at {prop.max_side} px)"
-    segs = {'CMP': prop, **({} if a.no_baselines else baselines())}
+    segs = {'CMP': prop, **({} if a.no_refine else {'CMP + GrabCut': CMPClicks(prop, refine='grabcut')}),
+            **({} if a.no_baselines else baselines())}
     sets = annotation_sets(a.scenes, (a.size, a.size), a.per_scene)
     t0 = time.perf_counter()
     results = {k: annotation_benchmark(segs, sets[k], n_clicks=a.clicks, rule=a.rule) for k in a.sets.split(',')}

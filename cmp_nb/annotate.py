@@ -17,10 +17,10 @@ from .baselines import deepest_point
 from .widgets import FlowCanvas, split_edits, resize_image, _plural
 
 # %% auto #0
-__all__ = ['DUMMY_PX', 'CLICK_RULES', 'MAX_CLICKS', 'ANNOTATION_SEED', 'PHOTO_SEED', 'directions', 'click_guidance', 'fuse_flows',
-           'keep_clicked', 'negative_cut', 'default_magnitude', 'click_mask', 'iou', 'standard_click',
+__all__ = ['DUMMY_PX', 'REFINERS', 'CLICK_RULES', 'MAX_CLICKS', 'ANNOTATION_SEED', 'PHOTO_SEED', 'directions', 'click_guidance',
+           'fuse_flows', 'keep_clicked', 'negative_cut', 'default_magnitude', 'click_mask', 'iou', 'standard_click',
            'largest_region_click', 'CMPClicks', 'random_walker_mask', 'grabcut_mask', 'ImageClicks', 'baselines',
-           'simulate_clicks', 'click_metrics', 'synthetic_tasks', 'photo_tasks', 'annotation_sets',
+           'grabcut_refine', 'simulate_clicks', 'click_metrics', 'synthetic_tasks', 'photo_tasks', 'annotation_sets',
            'annotation_benchmark', 'results_table', 'save_mask', 'load_mask', 'mask_to_rle', 'rle_to_mask',
            'coco_export', 'coco_load', 'overlay_mask', 'AnnotationCanvas']
 
@@ -98,14 +98,18 @@ def default_magnitude(prop, model_px: float = DUMMY_PX) -> float:
     return float(model_px * max(H, W) / max(in_size))
 
 # %% ../nbs/08_annotate.ipynb #f609ba35
+REFINERS = {None: None}    # filled below: 'grabcut'
+
 def click_mask(prop, positive, negative=None, n_directions: int = 8, magnitude: float | None = None,
                soft: bool = True, relative: bool = True, threshold: float = 0.5, cut: bool = True,
-               connected: bool = True, return_scores: bool = False):
+               connected: bool = True, refine: str | None = None, return_scores: bool = False):
     """Object mask (H,W) bool from clicks on the Propagator's current image (set_image first).
     relative: a pixel 'moved fully' when it moved as much as the positive clicks themselves are predicted to
     move (not the dummy magnitude); soft: `fuse_flows`' soft score; cut: drop pixels that move like a negative
-    click (`negative_cut`); connected: keep the mask parts that hold a positive click."""
+    click (`negative_cut`); refine: None (CMP alone, as in the paper) or 'grabcut' (`grabcut_refine`: GrabCut
+    started from CMP's mask); connected: keep the mask parts that hold a positive click."""
     if getattr(prop, 'image', None) is None: raise RuntimeError('call prop.set_image(image) before click_mask')
+    if refine not in REFINERS: raise ValueError(f'unknown refine {refine!r}; use one of {list(REFINERS)}')
     m = default_magnitude(prop) if magnitude is None else float(magnitude)
     sets, dirs = click_guidance(positive, negative, n_directions, m), directions(n_directions)
     H, W = prop.image.shape[:2]
@@ -119,6 +123,7 @@ def click_mask(prop, positive, negative=None, n_directions: int = 8, magnitude: 
     scores = fuse_flows(flows, dirs, ref, soft=soft, threshold=threshold)
     mask = scores >= 0.5
     if cut and negative is not None: mask &= ~negative_cut(flows, pos, negative)
+    if refine: mask = REFINERS[refine](prop.image, mask, pos, negative)
     if connected: mask = keep_clicked(mask, pos)
     return (mask, scores) if return_scores else mask
 
@@ -165,11 +170,12 @@ CLICK_RULES = {'standard': standard_click, 'largest-region': largest_region_clic
 class CMPClicks:
     """CMP as a click segmenter: `set_image(img)` encodes once, `(positive, negative) -> mask` runs
     `click_mask`."""
-    name = 'CMP'
     def __init__(self, prop, **mask_kw):
         if not hasattr(prop, 'predict_many'):
             raise TypeError(f'CMPClicks needs a cmp_nb Propagator, got {type(prop).__name__}')
         self.prop, self.mask_kw = prop, mask_kw
+        r = mask_kw.get('refine')
+        self.name = 'CMP' if r is None else f"CMP + {'GrabCut' if r == 'grabcut' else r}"
     def set_image(self, image): self.prop.set_image(image); return self
     def __call__(self, positive, negative=None): return click_mask(self.prop, positive, negative, **self.mask_kw)
 
@@ -197,11 +203,23 @@ def random_walker_mask(image, positive, negative=None, beta: float = 130., radiu
     return out == 1
 
 # %% ../nbs/08_annotate.ipynb #eb21c75f
+def _grabcut(img, probable_fg, positive, negative, iters: int, radius: int) -> np.ndarray:
+    """GrabCut in mask mode: sure foreground at the positive clicks, sure background at the negative clicks and the
+    image border, probable foreground where `probable_fg`, probable background elsewhere. OpenCV's random
+    generator (GrabCut's k-means starts) is seeded first, so the same input gives the same mask."""
+    H, W = img.shape[:2]
+    lab = _seeds((H, W), positive, negative, radius, border=True)
+    m = np.where(probable_fg, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
+    m[lab == 2] = cv2.GC_BGD; m[lab == 1] = cv2.GC_FGD
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(0)
+    cv2.grabCut(np.ascontiguousarray(img[..., ::-1]), m, None, bgd, fgd, int(iters), cv2.GC_INIT_WITH_MASK)
+    return (m == cv2.GC_FGD) | (m == cv2.GC_PR_FGD)
+
 def grabcut_mask(image, positive, negative=None, iters: int = 5, radius: int = 3,
                  prior: float = 0.1) -> np.ndarray:
-    """OpenCV GrabCut in mask mode: sure foreground at the positive clicks, sure background at the negative
-    clicks and the image border, probable foreground within `prior` x the longer side of a positive click,
-    probable background elsewhere."""
+    """OpenCV GrabCut from clicks alone: probable foreground within `prior` x the longer side of a positive click
+    (and `_grabcut`'s sure labels at the clicks and the border)."""
     img = load_image(image)
     pos = _clicks(positive)
     if len(pos) == 0: raise ValueError('need at least one positive click')
@@ -209,12 +227,8 @@ def grabcut_mask(image, positive, negative=None, iters: int = 5, radius: int = 3
     yy, xx = np.mgrid[0:H, 0:W]
     near = np.zeros((H, W), bool)
     for x, y in pos: near |= (xx - x) ** 2 + (yy - y) ** 2 <= (prior * max(H, W)) ** 2
-    lab = _seeds((H, W), positive, negative, radius, border=True)
-    m = np.where(near, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
-    m[lab == 2] = cv2.GC_BGD; m[lab == 1] = cv2.GC_FGD
-    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-    cv2.grabCut(np.ascontiguousarray(img[..., ::-1]), m, None, bgd, fgd, int(iters), cv2.GC_INIT_WITH_MASK)
-    return (m == cv2.GC_FGD) | (m == cv2.GC_PR_FGD)
+    return _grabcut(img, near, positive, negative, iters, radius)
+
 
 # %% ../nbs/08_annotate.ipynb #63cce73b
 class ImageClicks:
@@ -227,6 +241,16 @@ def baselines() -> dict:
     "The two segmenters that need no learning, by name."
     return {'random walker': ImageClicks(random_walker_mask, 'random walker'),
             'GrabCut': ImageClicks(grabcut_mask, 'GrabCut')}
+
+# %% ../nbs/08_annotate.ipynb #fb7fdf60
+def grabcut_refine(image, mask, positive, negative=None, iters: int = 5, radius: int = 3) -> np.ndarray:
+    "GrabCut started from `mask` (probable foreground inside it, probable background outside) and the clicks."
+    img, m = load_image(image), np.asarray(mask, bool)
+    if m.shape != img.shape[:2]: raise ValueError(f'mask shape {m.shape} differs from image size {img.shape[:2]}')
+    if len(_clicks(positive)) == 0: raise ValueError('need at least one positive click')
+    return _grabcut(img, m, positive, negative, iters, radius)
+
+REFINERS['grabcut'] = grabcut_refine
 
 # %% ../nbs/08_annotate.ipynb #4408d848
 MAX_CLICKS = 20
@@ -474,11 +498,12 @@ def overlay_mask(image, mask, color=(0, 220, 0), alpha: float = 0.5) -> np.ndarr
 class AnnotationCanvas(FlowCanvas):
     "Click positive / negative points on an image; the object mask is shown over it and can be saved."
     def __init__(self, propagator, image, n_directions: int = 8, magnitude: float | None = None,
-                 threshold: float = 0.5, connected: bool = True, **kwargs):
+                 threshold: float = 0.5, connected: bool = True, refine: str | None = None, **kwargs):
         if not hasattr(propagator, 'predict_many'):
             raise TypeError(f'propagator must be a cmp_nb Propagator, got {type(propagator).__name__}')
+        if refine not in REFINERS: raise ValueError(f'unknown refine {refine!r}; use one of {list(REFINERS)}')
         self.mask_kw = dict(n_directions=n_directions, magnitude=magnitude, threshold=threshold,
-                            connected=connected)
+                            connected=connected, refine=refine)
         self.mask = None
         super().__init__(propagator, image, mode='annotate', **kwargs)
 

@@ -31,7 +31,8 @@ __all__ = ['SEG_CLASSES', 'FINETUNE_SEED', 'EVAL_SEED', 'PRETEXTS', 'METHODS', '
            'merge_settings', 'configs_dir', 'load_settings', 'check_settings', 'analysis_variants', 'pretrain_config',
            'pretrain_record', 'random_encoder', 'Interrupted', 'pretrain', 'data_record', 'labelled_data',
            'finetune_jobs', 'finetune_record', 'finetune_job', 'task_summary', 'guidance_points', 'run_analyses',
-           'run_transfer', 'results_table', 'plot_results', 'analysis_table', 'plot_analyses', 'write_report', 'main']
+           'run_transfer', 'results_table', 'plot_results', 'analysis_table', 'plot_analyses', 'gap', 'gap_table',
+           'write_report', 'main']
 
 # %% ../nbs/11_transfer.ipynb #e43de466
 SEG_CLASSES = ('background', 'shape', 'body', 'limb')
@@ -544,12 +545,38 @@ def plot_analyses(results: dict, axes=None):
         axes[1].set_title('propagation nets (CMP Fig. 5)', fontsize=9)
     return axes
 
+# %% ../nbs/11_transfer.ipynb #349fd072
+def gap(results: dict, a: str, b: str, key: str = 'miou') -> tuple:
+    "(mean of `a` - mean of `b`, standard error of that difference) over the seeds, in mIoU points."
+    R = results['results']
+    for m in (a, b):
+        if m not in R: raise KeyError(f"no method {m!r} in the results; it has {', '.join(R)}")
+    va, vb = ([x for x in R[m][key] if x is not None] for m in (a, b))
+    (ma, sa), (mb, sb) = _mean_std(va), _mean_std(vb)
+    return ma - mb, math.sqrt(sa ** 2 / max(len(va), 1) + sb ** 2 / max(len(vb), 1))
+
+def gap_table(results: dict, ref: str = 'random') -> str:
+    "Markdown: each method's fine-tuned and linear-probe gap to `ref`, with its standard error and their ratio."
+    rows = ['| method | fine-tuned gap (points) | gap / s.e. | linear-probe gap (points) | gap / s.e. |',
+            '|---|---|---|---|---|']
+    for m in results['results']:
+        if m == ref: continue
+        cells = []
+        for key in ('miou', 'linear_miou'):
+            d, se = gap(results, m, ref, key)
+            cells += [f'{d:+.1f} ± {se:.1f}', f'{d / se:+.1f}' if se > 0 else '-']
+        rows.append(f"| {m} - {ref} | " + ' | '.join(cells) + ' |')
+    return '\n'.join(rows)
+
 # %% ../nbs/11_transfer.ipynb #fb6fe12a
 def write_report(results: dict, out) -> list:
     "`out/results.md` (the tables) and `out/results.png` (the charts) of a results dict; their paths."
     from matplotlib.figure import Figure              # no pyplot: no backend, no window, nothing left open
     out = Path(out)
-    md = results_table(results) + ('\n\n' + analysis_table(results) if 'analyses' in results else '') + '\n'
+    md = results_table(results)
+    if 'random' in results['results'] and len(results['results']) > 1: md += '\n\n' + gap_table(results)
+    if 'analyses' in results: md += '\n\n' + analysis_table(results)
+    md += '\n'
     atomic_write_text(out / 'results.md', md)
     n = 3 if 'analyses' in results else 1
     fig = Figure(figsize=(5.5 * n, 3.3))

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest, torch
 
-from cmp_nb.annotate import click_mask, photo_tasks, synthetic_tasks
+from cmp_nb.annotate import click_mask, iou, photo_tasks, synthetic_tasks
 from cmp_nb.baselines import deepest_point
 from cmp_nb.propagator import load_propagator
 
@@ -36,10 +36,30 @@ def test_negative_click_inside_a_false_positive_removes_it(prop):
     assert after < 0.5 * before, f'negative clicks left {after} of {before} false-positive pixels'
 
 
+def test_grabcut_refinement_sharpens_one_click_masks(prop):
+    """GrabCut started from CMP's mask (refine='grabcut') beats CMP's own one-click mask on held-out objects and
+    photos (bench_annotate, 19 objects: mean IoU 0.665 -> 0.787 on objects, 0.795 -> 0.973 on photos), and a
+    negative click still removes the pixel it is on."""
+    tasks = synthetic_tasks(3, (192, 192), per_scene=2) + photo_tasks(3, (192, 192))
+    plain, refined = [], []
+    for img, gt, name in tasks:
+        prop.set_image(img)
+        p = deepest_point(gt)
+        m0, m1 = click_mask(prop, [p]), click_mask(prop, [p], refine='grabcut')
+        assert m1[p[1], p[0]], f'{name}: the positive click is not in the refined mask'
+        plain.append(iou(m0, gt)); refined.append(iou(m1, gt))
+        fp = m1 & ~gt
+        if fp.sum() >= 20:
+            n = deepest_point(fp)
+            assert not click_mask(prop, [p], [n], refine='grabcut')[n[1], n[0]], f'{name}: negative click at {n} kept'
+    assert len(tasks) >= 6, len(tasks)
+    assert np.mean(refined) > np.mean(plain), (np.mean(plain), np.mean(refined))
+
+
 def test_bench_annotate_runs(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'bench_annotate.py'), '--scenes', '1',
                           '--clicks', '2', '--per-scene', '1', '--json', str(tmp_path / 'r.json')],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
-    for row in ('| objects | CMP |', 'GrabCut', 'random walker'):
+    for row in ('| objects | CMP |', '| objects | CMP + GrabCut |', '| objects | GrabCut |', 'random walker'):
         assert row in out.stdout, f'{row!r} is not in the benchmark table:\n{out.stdout[-2000:]}'
