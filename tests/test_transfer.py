@@ -73,3 +73,40 @@ def test_quick_end_to_end(tmp_path):
     assert json.loads(kept.read_text())['settings']['iters'] == 12        # the linear probe's own linear_iters
     assert json.loads((a / 'finetune' / 'flow' / 'full_n16_s0.json').read_text())['settings']['iters'] == 6
     assert (a / 'pretrain' / 'cpfs' / 'model.pt').stat().st_mtime_ns == before[a / 'pretrain' / 'cpfs' / 'model.pt']
+
+
+def test_shipped_results_match_full_settings():
+    """data_samples/transfer/results.json is the table of configs/transfer/full.yaml: its setup is the one those
+    settings describe now (a changed config must be rerun and the file replaced), with every method, >= 3 seeds,
+    the few-shot curve and both analyses."""
+    from cmp_nb.transfer import configs_dir, task_summary
+    got = json.loads((ROOT / 'data_samples' / 'transfer' / 'results.json').read_text())
+    s = load_settings(configs_dir() / 'transfer' / 'full.yaml')
+    want = task_summary(s)
+    assert {k: v for k, v in got['task'].items() if k != 'device'} == {k: v for k, v in want.items() if k != 'device'}
+    assert got['task']['quick'] is False
+    assert set(got['results']) == set(METHODS)
+    k, ns = len(s['finetune']['seeds']), [str(n) for n in sorted(s['finetune']['n_train'])]
+    assert k >= 3
+    for m, r in got['results'].items():
+        assert len(r['miou']) == k and len(r['linear_miou']) == k, m
+        assert list(r['few_shot']) == ns and r['few_shot'][ns[-1]] == r['miou'], m
+        for v in r['miou'] + r['linear_miou'] + sum(r['few_shot'].values(), []): assert 0 <= v <= 1, (m, v)
+    A = got['analyses']
+    pts = [r['points'] for r in A['density']]
+    assert pts == sorted(pts) and pts[0] == 0 and len(pts) == len(s['analyses']['density']) + 2, pts
+    assert A['density_peak']['run'] in {r['run'] for r in A['density']}
+    assert sorted(r['combo'] for r in A['propagation']) == sorted(s['analyses']['propagation'] + [[1, 2, 4]])
+
+
+def test_readme_and_report_show_the_shipped_table():
+    """The README's transfer table, data_samples/transfer/results.md and the gap table are what the code makes of
+    results.json now (nothing typed in by hand)."""
+    from cmp_nb.transfer import results_table, gap_table, analysis_table
+    got = json.loads((ROOT / 'data_samples' / 'transfer' / 'results.json').read_text())
+    readme = (ROOT / 'README.md').read_text()
+    assert results_table(got) in readme, 'README.md does not show the table of data_samples/transfer/results.json'
+    assert gap_table(got) in readme, 'README.md does not show the gap table of data_samples/transfer/results.json'
+    md = (ROOT / 'data_samples' / 'transfer' / 'results.md').read_text()
+    for part in (results_table(got), gap_table(got), analysis_table(got)): assert part in md
+    assert (ROOT / 'data_samples' / 'transfer' / 'results.png').stat().st_size > 10_000
