@@ -220,10 +220,14 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     sparse-motion maps), which is why lr is lowered to 0.005 here; over 6 steps, allow 10x that 1e-5: the loss
     curves agree to 1e-4 relative. A weight is w_0 minus the (momentum-weighted) sum of 6 gradient steps, so its
     difference is a fraction of the update w_6 - w_0: gradients are derivatives of the loss, more sensitive to
-    the same perturbation than the loss is (the 0.2% above), so allow 100x the loss tolerance, 1e-2 of the
-    update size. BatchNorm running stats are averages of batch statistics, which move with the activations:
-    1e-2 of their scale too. Per-process BatchNorm (the control) changes the loss by > 1e-3 and the weights by
-    more than 10x these tolerances."""
+    the same perturbation than the loss is (the 0.2% above): 1e-2 of the update size is the unit of the weight
+    check, and BatchNorm running stats (averages of batch statistics, which move with the activations) use 1e-2
+    of their scale. That unit comes from the *typical* rounding (sqrt(n) x U32); the worst case (n x U32, 1e-3
+    for the 16384-term sums) is 100x more, and which one a machine sees depends on its kernels: where this test
+    was written the weights stayed within 1 unit, on an Intel Xeon with AVX-512 (another conv blocking for a
+    batch of 2 than of 4) image_encoder.conv5.weight reached 5.9 units. So the synchronised run may differ by up
+    to 10 units (1e-1 of the update), and the check must still tell the difference: per-process BatchNorm (the
+    control) changes the loss by > 1e-3 and the weights by more than 10x what the synchronised run does."""
     from cmp_nb.model import build_model
     from cmp_nb.checkpoint import seed_everything
     short = ['train.iters=6', 'ckpt.every=100', 'optim.lr=0.005']
@@ -240,13 +244,14 @@ def test_ddp_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     worst = sorted(div.items(), key=lambda kv: -kv[1])[:3]
     print('DDP vs one process: loss rel', max(rel), 'worst tensors (difference / allowed)', worst)
     assert max(rel) < 1e-4, rel
-    assert worst[0][1] <= 1, worst
+    assert worst[0][1] <= 10, worst
     _torchrun(tmp_path / 'nosync', *short, 'train.batch_size=2', 'train.sync_bn=false')
     rel_nosync = [abs(one[i] - v) / abs(one[i]) for i, v in _losses(tmp_path / 'nosync').items()]
     div_nosync = _ddp_divergence(w1, _weights(tmp_path / 'nosync'), w0, tol=1e-2)
     print('per-process BN: loss rel', max(rel_nosync), 'worst (difference / allowed)', max(div_nosync.values()))
     assert max(rel_nosync) > 1e-3 > 10 * max(rel), (rel_nosync, rel)
-    assert max(div_nosync.values()) > 10, 'the weight check cannot tell per-process BatchNorm from synchronised'
+    assert max(div_nosync.values()) > 10 * max(1.0, worst[0][1]), \
+        ('the weight check cannot tell per-process BatchNorm from synchronised', max(div_nosync.values()), worst)
 
 
 # cmp_train with a fault injected, for the tests below: CMP_TEST_FAULT=nan_on_rank1 makes rank 1's loss nan from
