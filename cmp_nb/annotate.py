@@ -98,7 +98,13 @@ def default_magnitude(prop, model_px: float = DUMMY_PX) -> float:
     return float(model_px * max(H, W) / max(in_size))
 
 # %% ../nbs/08_annotate.ipynb #f609ba35
-REFINERS = {None: None}    # filled below: 'grabcut'
+REFINERS = {}    # name -> f(image, mask, positive, negative) -> mask; 'grabcut' is added with the baselines below
+
+def _refiner(refine):
+    "The function `refine` names in `REFINERS` (None: no refinement); a ValueError for an unknown name."
+    if refine is not None and refine not in REFINERS:
+        raise ValueError(f'unknown refine {refine!r}; use None or one of {list(REFINERS)}')
+    return REFINERS.get(refine)
 
 def click_mask(prop, positive, negative=None, n_directions: int = 8, magnitude: float | None = None,
                soft: bool = True, relative: bool = True, threshold: float = 0.5, cut: bool = True,
@@ -109,7 +115,7 @@ def click_mask(prop, positive, negative=None, n_directions: int = 8, magnitude: 
     click (`negative_cut`); refine: None (CMP alone, as in the paper) or 'grabcut' (`grabcut_refine`: GrabCut
     started from CMP's mask); connected: keep the mask parts that hold a positive click."""
     if getattr(prop, 'image', None) is None: raise RuntimeError('call prop.set_image(image) before click_mask')
-    if refine not in REFINERS: raise ValueError(f'unknown refine {refine!r}; use one of {list(REFINERS)}')
+    refiner = _refiner(refine)
     m = default_magnitude(prop) if magnitude is None else float(magnitude)
     sets, dirs = click_guidance(positive, negative, n_directions, m), directions(n_directions)
     H, W = prop.image.shape[:2]
@@ -123,7 +129,7 @@ def click_mask(prop, positive, negative=None, n_directions: int = 8, magnitude: 
     scores = fuse_flows(flows, dirs, ref, soft=soft, threshold=threshold)
     mask = scores >= 0.5
     if cut and negative is not None: mask &= ~negative_cut(flows, pos, negative)
-    if refine: mask = REFINERS[refine](prop.image, mask, pos, negative)
+    if refiner: mask = refiner(prop.image, mask, pos, negative)
     if connected: mask = keep_clicked(mask, pos)
     return (mask, scores) if return_scores else mask
 
@@ -228,7 +234,6 @@ def grabcut_mask(image, positive, negative=None, iters: int = 5, radius: int = 3
     near = np.zeros((H, W), bool)
     for x, y in pos: near |= (xx - x) ** 2 + (yy - y) ** 2 <= (prior * max(H, W)) ** 2
     return _grabcut(img, near, positive, negative, iters, radius)
-
 
 # %% ../nbs/08_annotate.ipynb #63cce73b
 class ImageClicks:
@@ -501,7 +506,7 @@ class AnnotationCanvas(FlowCanvas):
                  threshold: float = 0.5, connected: bool = True, refine: str | None = None, **kwargs):
         if not hasattr(propagator, 'predict_many'):
             raise TypeError(f'propagator must be a cmp_nb Propagator, got {type(propagator).__name__}')
-        if refine not in REFINERS: raise ValueError(f'unknown refine {refine!r}; use one of {list(REFINERS)}')
+        _refiner(refine)                                     # an unknown name fails here, not at the first click
         self.mask_kw = dict(n_directions=n_directions, magnitude=magnitude, threshold=threshold,
                             connected=connected, refine=refine)
         self.mask = None
