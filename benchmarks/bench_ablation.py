@@ -10,8 +10,11 @@ Variants (all the small CPU encoder, batch 8, 192 px crops, on this 2-core CPU):
   stage2-refine         + the refine decoder (logits at 1/4, guidance at 1/4), 40 px shifts, 2000 its
                         (configs/refine.yaml, started from stage1-plain)
   stage3-attend         + attention over the guided cells, 1600 its (configs/attend.yaml, from stage2-refine)
-  default               the shipped default model: stage3-attend with its local term, 1600 more its
-                        (configs/attend2.yaml, started from stage3-attend)
+  stage4-attend         stage3-attend with its local term, 1600 more its (configs/attend2.yaml, from stage3-attend)
+  default               the shipped default network: 2400 more its with 70% interactive-style guidance
+                        (configs/attend3.yaml, started from stage4-attend); softmax-mean decoding, no edge snap
+  default, as shipped   the same weights as `load_propagator()` runs them: the mode decoding and edge snapping
+                        its registry entry recommends (cmp_nb.losses.logits_to_flow_mode, cmp_nb.propagator.snap_to_edges)
 total_min adds up the training minutes of a stage and of the stages it started from.
 --train runs the two 400-iteration variants into runs/ablation/ first (about 5 minutes each on one core; a variant whose
 run dir already holds model.pt is not trained again). Figures (a), (b), (d), (e) as in bench_shipped.py, on
@@ -37,8 +40,11 @@ SHIPPED = {'quickstart': ('data_samples/quickstart.pt', 'data_samples/quickstart
            'stage1-plain': ('data_samples/default_run/stage1/model.pt', 'data_samples/default_run/stage1/summary.json'),
            'stage2-refine': ('data_samples/default_run/stage2/model.pt', 'data_samples/default_run/stage2/summary.json'),
            'stage3-attend': ('data_samples/default_run/stage3/model.pt', 'data_samples/default_run/stage3/summary.json'),
-           'default': ('data_samples/default.pt', 'data_samples/default_run/summary.json')}
-PARENT = {'stage2-refine': 'stage1-plain', 'stage3-attend': 'stage2-refine', 'default': 'stage3-attend'}
+           'stage4-attend': ('data_samples/default_run/stage4/model.pt', 'data_samples/default_run/stage4/summary.json'),
+           'default': ('data_samples/default.pt', 'data_samples/default_run/summary.json'),
+           'default, as shipped': ('default', 'data_samples/default_run/summary.json')}
+PARENT = {'stage2-refine': 'stage1-plain', 'stage3-attend': 'stage2-refine', 'stage4-attend': 'stage3-attend',
+          'default': 'stage4-attend', 'default, as shipped': 'stage4-attend'}
 
 
 def main(argv=None) -> int:
@@ -48,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument('--scenes', type=int, default=24)
     p.add_argument('--json'); p.add_argument('--markdown')
     a = p.parse_args(argv)
-    files = {k: (ROOT / f, ROOT / s) for k, (f, s) in SHIPPED.items()}
+    files = {k: (f if '/' not in f else ROOT / f, ROOT / s) for k, (f, s) in SHIPPED.items()}   # a name, or a path
     for name, overrides in RUNS.items():
         run = ROOT / 'runs' / 'ablation' / name
         if a.train and not (run / 'model.pt').exists():
@@ -60,8 +66,9 @@ def main(argv=None) -> int:
     drag, moving = measure_scenes(a.scenes), measure_scenes(a.scenes, seed=MEASURE_SEED + 50_000, still=False)
     rows, t0 = {}, time.time()
     for name, (ck, summ) in files.items():
-        if not ck.exists(): print(f'{name}: {ck} missing, skipped (run with --train)', file=sys.stderr); continue
-        prop = load_propagator(str(ck), device='cpu')
+        if isinstance(ck, Path) and not ck.exists(): print(f'{name}: {ck} missing, skipped (run with --train)', file=sys.stderr); continue
+        raw = {} if name == 'default, as shipped' else {'decode': 'softmax', 'edge_snap': 0}   # the network alone
+        prop = load_propagator(str(ck), device='cpu', **raw)
         m = propagator_method(prop)
         s = json.loads(summ.read_text()) if summ.exists() else {}
         rows[name] = {'params_M': sum(q.numel() for q in prop.model.parameters()) / 1e6,

@@ -16,8 +16,9 @@ from .propagator import as_points
 
 # %% auto #0
 __all__ = ['BASELINES', 'MEASURE_SEED', 'zero_flow', 'nearest_flow', 'epic_flow', 'smoothed_nearest_flow', 'deepest_point',
-           'measure_scenes', 'moved_region', 'drag_iou', 'guided_epe', 'magnitude_error', 'static_cut', 'drag_figures',
-           'baseline_method', 'propagator_method', 'sintel_pair', 'sintel_epe', 'measure_all', 'figures_table']
+           'measure_scenes', 'moved_region', 'drag_iou', 'truth_drag_iou', 'guided_epe', 'magnitude_error',
+           'static_cut', 'drag_figures', 'baseline_method', 'propagator_method', 'sintel_pair', 'sintel_epe',
+           'measure_all', 'figures_table']
 
 # %% ../nbs/03c_baselines.ipynb #f027d3be
 def _check_image(image) -> np.ndarray:
@@ -128,6 +129,13 @@ def drag_iou(method, scenes) -> float:
     "(a) Mean IoU between the moved region of one arrow (plus static points) and its target's mask."
     ious = [v for s in scenes for v in _scene_ious(method(s['image']), s)]
     if not ious: raise ValueError('drag_iou: the scenes have no drag target')
+    return float(np.mean(ious))
+
+# %% ../nbs/03c_baselines.ipynb #89cb31b4
+def truth_drag_iou(scenes) -> float:
+    "(a) for the true flow itself: the moved region of each target's arrow on the scene's own flow, vs its mask."
+    ious = [v for s in scenes for v in _scene_ious(lambda points, f=s['flow']: f, s)]
+    if not ious: raise ValueError('truth_drag_iou: the scenes have no drag target')
     return float(np.mean(ious))
 
 # %% ../nbs/03c_baselines.ipynb #76a4e0fc

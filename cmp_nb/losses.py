@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['check_bins', 'bin_centers', 'flow_to_bins', 'logits_to_flow', 'logits_to_flow_argmax', 'logits_to_dense_flow',
-           'resize_target', 'DiscreteFlowLoss']
+__all__ = ['DECODINGS', 'check_bins', 'bin_centers', 'flow_to_bins', 'logits_to_flow', 'logits_to_flow_argmax',
+           'logits_to_flow_mode', 'logits_to_dense_flow', 'resize_target', 'DiscreteFlowLoss']
 
 # %% ../nbs/03_losses.ipynb #9c7e78c3
 def check_bins(nbins: int, fmax: float) -> None:
@@ -57,11 +57,27 @@ def logits_to_flow_argmax(logits: torch.Tensor, nbins: int = 99, fmax: float = 5
     c = bin_centers(nbins, fmax, logits.device, logits.dtype)
     return torch.stack([c[part.argmax(1)] for part in _split_logits(logits, nbins)], 1)
 
+# %% ../nbs/03_losses.ipynb #f39dc1fe
+def logits_to_flow_mode(logits: torch.Tensor, nbins: int = 99, fmax: float = 50., window: int = 3) -> torch.Tensor:
+    "Flow (B,2,h,w): softmax mean of the bin centres within `window` bins of the most likely bin, for u then v."
+    if int(window) != window or window < 0: raise ValueError(f'window must be an integer >= 0, got {window!r}')
+    c = bin_centers(nbins, fmax, logits.device, logits.dtype).view(1, -1, 1, 1)
+    idx = torch.arange(nbins, device=logits.device).view(1, -1, 1, 1)
+    out = []
+    for part in _split_logits(logits, nbins):
+        near = (idx - part.argmax(1, keepdim=True)).abs() <= window
+        out.append((part.masked_fill(~near, float('-inf')).softmax(1) * c).sum(1, keepdim=True))
+    return torch.cat(out, 1)
+
 # %% ../nbs/03_losses.ipynb #5e1d0f02
+DECODINGS = {'softmax': logits_to_flow, 'mode': logits_to_flow_mode, 'argmax': logits_to_flow_argmax}
+
 def logits_to_dense_flow(logits: torch.Tensor, nbins: int = 99, fmax: float = 50., size=None,
-                         argmax: bool = False) -> torch.Tensor:
-    "Flow (B,2,*size): decoded (softmax mean or `argmax`), upsampled bilinearly (align_corners), not rescaled."
-    flow = (logits_to_flow_argmax if argmax else logits_to_flow)(logits, nbins, fmax)
+                         decode: str = 'softmax') -> torch.Tensor:
+    """Flow (B,2,*size): decoded (`DECODINGS`: softmax mean, mode, argmax), upsampled bilinearly (align_corners),
+    not rescaled."""
+    if decode not in DECODINGS: raise ValueError(f'decode must be one of {list(DECODINGS)}, got {decode!r}')
+    flow = DECODINGS[decode](logits, nbins, fmax)
     if size is None or tuple(flow.shape[-2:]) == tuple(size): return flow
     return F.interpolate(flow, size=tuple(size), mode='bilinear', align_corners=True)
 

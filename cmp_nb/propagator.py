@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from .core import pick_device
 from .flow import load_image, image_to_tensor, flow_to_color, color_wheel
 from .guidance import points_to_sparse, as_points, draw_guidance   # also cmp_nb.propagator's names
-from .losses import logits_to_dense_flow
+from .losses import logits_to_dense_flow, DECODINGS
 
 # %% auto #0
-__all__ = ['DEFAULT_MAX_SIDE', 'model_size', 'Propagator', 'show_prediction', 'load_model', 'load_propagator']
+__all__ = ['DEFAULT_MAX_SIDE', 'model_size', 'snap_to_edges', 'Propagator', 'show_prediction', 'load_model', 'load_propagator']
 
 # %% ../nbs/03a_propagator.ipynb #9e2aeee4
 def model_size(h: int, w: int, max_side: int = 384, multiple: int = 32) -> tuple[int, int]:
@@ -25,22 +25,55 @@ def model_size(h: int, w: int, max_side: int = 384, multiple: int = 32) -> tuple
     r = lambda v: max(multiple, int(round(v * s / multiple)) * multiple)
     return r(h), r(w)
 
+# %% ../nbs/03a_propagator.ipynb #738c9c0f
+def snap_to_edges(image, flow, points=None, strength: float = 100., keep: float = 4.,
+                  sigma_color: float = 8.) -> np.ndarray:
+    """Edge-aware smoothing of a dense flow (H,W,2) guided by `image` (H,W,3) uint8: the fast global smoother of
+    strength `strength` (its lambda, in image pixels squared) on each component; within about `keep` px of each
+    guidance point (x, y, ...) the flow stays as given."""
+    import cv2
+    from scipy.ndimage import distance_transform_edt
+    img, f = np.asarray(image), np.asarray(flow, np.float32)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f'snap_to_edges: image must be (H,W,3) uint8, got {img.shape} {img.dtype}')
+    if f.shape != (*img.shape[:2], 2):
+        raise ValueError(f'snap_to_edges: flow {f.shape} does not match the image {img.shape[:2]} (want (H,W,2))')
+    if not strength > 0 or not keep >= 0:
+        raise ValueError(f'snap_to_edges: strength must be > 0 and keep >= 0, got {strength}, {keep}')
+    out = np.stack([cv2.ximgproc.fastGlobalSmootherFilter(img, np.ascontiguousarray(f[..., c]), float(strength),
+                                                          float(sigma_color)) for c in range(2)], -1)
+    p = np.zeros((0, 2)) if points is None else np.asarray(points, np.float64)
+    p = p.reshape(-1, p.shape[-1]) if p.size else np.zeros((0, 2))
+    if len(p) and keep > 0:
+        H, W = img.shape[:2]
+        far = np.ones((H, W), bool)
+        far[np.clip(np.round(p[:, 1]), 0, H - 1).astype(int), np.clip(np.round(p[:, 0]), 0, W - 1).astype(int)] = 0
+        w = np.exp(-distance_transform_edt(far) ** 2 / (2 * keep ** 2))[..., None]
+        out = w * f + (1 - w) * out
+    return out.astype(np.float32)
+
 # %% ../nbs/03a_propagator.ipynb #60a38279
 DEFAULT_MAX_SIDE = 384   # the paper's training crop: the scale for a model whose own is not recorded
 
 class Propagator:
-    "Encode an image once; predict dense flow (in the image's own pixels) for any guidance."
+    """Encode an image once; predict dense flow (in the image's own pixels) for any guidance. `max_side`, `decode`
+    (`cmp_nb.losses.DECODINGS`) and `edge_snap` (`snap_to_edges`' strength at the model's scale; 0: off) default to
+    what the model's registry entry recommends."""
     def __init__(self, model: torch.nn.Module, device=None, max_side: int | None = None,
-                 decode: str = 'softmax'):
-        if decode not in ('softmax', 'argmax'):
-            raise ValueError(f"decode must be 'softmax' or 'argmax', got {decode!r}")
+                 decode: str | None = None, edge_snap: float | None = None):
+        entry = getattr(getattr(model, 'record', None), 'weights', None)     # the model's registry entry, if any
+        if decode is None: decode = getattr(entry, 'decode', 'softmax')
+        if decode not in DECODINGS: raise ValueError(f'decode must be one of {list(DECODINGS)}, got {decode!r}')
         if max_side is None:
             max_side = getattr(getattr(model, 'record', None), 'train_crop', None) or DEFAULT_MAX_SIDE
         if int(max_side) != max_side or max_side < 1:
             raise ValueError(f'max_side must be a positive integer, got {max_side!r}')
         self.device = pick_device('auto' if device is None else device)
         self.model = model.to(self.device).eval()
-        self.max_side, self.decode = int(max_side), decode
+        if edge_snap is None: edge_snap = getattr(entry, 'edge_snap', None)        # None there too: off
+        if edge_snap is not None and not edge_snap >= 0:
+            raise ValueError(f'edge_snap must be >= 0 (0: off), got {edge_snap!r}')
+        self.max_side, self.decode, self.edge_snap = int(max_side), decode, edge_snap or 0.
         self.multiple = int(getattr(model, 'input_multiple', 32))
         self.nbins, self.fmax = int(model.nbins), float(model.fmax)
         self.image = self.features = None
@@ -86,16 +119,22 @@ class Propagator:
         h, w = self.content_size
         s = self.model.logits_stride
         logits = logits[..., :-(-h // s), :-(-w // s)]       # the padding (long, narrow images) is not the image
-        argmax = self.decode == 'argmax'
-        flow = logits_to_dense_flow(logits.float(), self.nbins, self.fmax, (H, W), argmax=argmax)
+        flow = logits_to_dense_flow(logits.float(), self.nbins, self.fmax, (H, W), decode=self.decode)
         flow = flow * torch.tensor([W / w, H / h], device=flow.device).view(1, 2, 1, 1)   # to image pixels
         return flow.permute(0, 2, 3, 1).cpu().numpy()
+
+    def _snap(self, flows: np.ndarray, point_sets: list) -> np.ndarray:
+        "`snap_to_edges` each flow when `edge_snap` is set: its strength and `keep` (4 px) at the model's scale."
+        if not self.edge_snap: return flows
+        s = self.image.shape[1] / self.content_size[1]                 # image px per model px
+        for f, p in zip(flows, point_sets): f[:] = snap_to_edges(self.image, f, p, self.edge_snap * s * s, 4. * s)
+        return flows
 
     @torch.no_grad()
     def predict(self, points=None, arrows=None, static=None) -> np.ndarray:
         "Dense flow (H, W, 2) for one guidance set; only `model.propagate` runs."
-        sparse = self.sparse(points, arrows, static)
-        return self._decode(self.model.propagate(self.features, sparse))[0]
+        p = as_points(points, arrows, static)
+        return self._snap(self._decode(self.model.propagate(self.features, self.sparse(points=p))), [p])[0]
 
     @torch.no_grad()
     def predict_many(self, guidance_sets) -> np.ndarray:
@@ -103,7 +142,7 @@ class Propagator:
         self._require_image()
         if len(guidance_sets) == 0: raise ValueError('predict_many needs at least one guidance set')
         sparse = torch.cat([self.sparse(points=g) for g in guidance_sets], 0)
-        return self._decode(self.model.propagate(self.features, sparse))
+        return self._snap(self._decode(self.model.propagate(self.features, sparse)), guidance_sets)
 
 # %% ../nbs/03a_propagator.ipynb #7485f53e
 def show_prediction(image, points, flow, title: str = '', max_mag=None, fig=None):

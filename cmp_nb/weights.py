@@ -38,6 +38,8 @@ class Weights:
     manual: str = ''                     # other places to download the file by hand
     sha256: str | None = None            # checked for files given by hand, when known
     note: str = ''
+    decode: str = 'softmax'              # how the `Propagator` decodes its logits (`cmp_nb.losses.DECODINGS`)
+    edge_snap: float | None = None       # the `Propagator`'s edge snapping for this model (None: off)
 
     def __post_init__(self):
         if (self.file is None) == (self.hub_repo is None):
@@ -102,13 +104,14 @@ SMALL_CHAIRS = register_weights(Weights(
     description="cmp_nb's default model: the small CPU encoder with the attend decoder (logits at 1/4, "
                 'pixels attend to the guided cells), trained on CHAIRS scenes with interactive-style guidance',
     trained_on=('CHAIRS-recipe synthetic scenes with exact flow (cmp_nb.synthetic.CHAIRS), in stages: '
-                'plain decoder 3600 iterations, refine decoder 2000, attend decoder 1600 + 1600, x 8 crops '
-                'of 192 px; guidance: half watershed + grid (K=31, G=80), half interactive-style (departs '
-                'from the paper)'),
+                'plain decoder 3600 iterations, refine decoder 2000, attend decoder 1600 + 1600 + 2400, x 8 '
+                'crops of 192 px; guidance: watershed + grid (K=31, G=80) and interactive-style (half, 70% in '
+                'the last stage; departs from the paper); run with the mode decoding and edge snapping'),
     file='data_samples/default.pt', card='data_samples/default.md',
     figures='data_samples/default_run/figures.json#model: default',
     figures_note='cmp_nb.baselines figures (a)-(e) from benchmarks/bench_shipped.py; the baselines are in '
-                 'the same file'))
+                 'the same file',
+    decode='mode', edge_snap=100.))
 
 AUTHORS_SEMIAUTO = register_weights(Weights(
     name='authors-semiauto', preset='resnet50-skip-official', train_crop=384, train_short_side=416,
