@@ -282,12 +282,35 @@ def _read_yaml(path: Path, depth: int = 0) -> list[tuple[dict, str]]:
     chain = _read_yaml(path.parent / base, depth + 1) if base else []
     return chain + [(data, str(path))]
 
+def _deep_merge(old: dict, new: dict) -> dict:
+    "A copy of `old` with `new` laid over it, mapping into mapping."
+    out = copy.deepcopy(old)
+    for k, v in new.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+def _override(cfg: dict, item: str) -> dict:
+    """The override `item` as a nested dict. A dotted key that reaches inside a free-form mapping
+    (`data.options.scene_kw.max_shift=40`) sets that one entry and keeps the mapping's others; naming the mapping
+    itself (`data.options={...}`) replaces it."""
+    new = parse_override(item)
+    path = item.split('=', 1)[0].strip().split('.')
+    for i in range(1, len(path)):
+        if tuple(path[:i]) not in FREE_FORM: continue
+        cur, sub = cfg, new
+        for p in path[:i]: cur, sub = (cur.get(p) if isinstance(cur, dict) else None), sub[p]
+        if not isinstance(cur, dict): break
+        out = _deep_merge(cur, sub)
+        for p in reversed(path[:i]): out = {p: out}
+        return out
+    return new
+
 def load_config(path=None, overrides=()) -> dict:
     "Defaults, then the YAML file at `path` (and its `base:`), then `key=value` overrides."
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         for data, source in _read_yaml(path): cfg = merge_config(cfg, data, source)
-    for item in overrides: cfg = merge_config(cfg, parse_override(item), f'override {item!r}')
+    for item in overrides: cfg = merge_config(cfg, _override(cfg, item), f'override {item!r}')
     return cfg
 
 # %% ../nbs/05a_config.ipynb #7e54c6c5
