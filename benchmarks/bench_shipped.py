@@ -11,7 +11,8 @@
 (d) error at the dragged pixel as a fraction of the arrow, arrows of 5, 10, 20 and 40 px.
 (e) static cut: 1 - |flow with a static click on the dragged part| / |flow without it| at the click.
 A model whose registry entry sets another decoding (cmp_nb.losses.DECODINGS) or edge snapping
-(cmp_nb.propagator.snap_to_edges) gets a second row: the network alone (softmax mean, no snapping).
+(cmp_nb.propagator.snap_to_edges) gets a second row: the network alone (softmax mean, no snapping). With --reading,
+a model that sets neither (a bare checkpoint) gets a second row read the way the default model's entry says.
 
 --tune instead measures the first model under each decoding (softmax mean; mode with a window of 1, 3, 6
 bins; argmax) and edge-snap strength (0, 30, 100, 300) on tuning scenes: other seeds than the held-out ones, so
@@ -35,12 +36,15 @@ TARGETS = {'drag_iou': ('>=', 0.8), 'mag_err_5px': ('<=', 0.2), 'mag_err_10px': 
 
 def main(argv=None) -> int:
     from cmp_nb.propagator import load_propagator
+    from cmp_nb.weights import get_weights
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--scenes', type=int, default=48, help='held-out scenes per scene set (default 48)')
     p.add_argument('--models', nargs='*', default=['default', 'quickstart'], help='weights names or checkpoint paths')
     p.add_argument('--sintel', default=str(ROOT.parent / 'shared' / 'data' / 'sintel'))
     p.add_argument('--json', help='also write the rows here')
     p.add_argument('--markdown', help='also write the markdown table here')
+    p.add_argument('--reading', action='store_true',
+                   help="also read each model the way the default entry recommends (its decode and edge_snap)")
     p.add_argument('--tune', action='store_true', help='grid of decodings and edge-snap strengths on tuning scenes')
     a = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -52,6 +56,10 @@ def main(argv=None) -> int:
         if prop.edge_snap or prop.decode != 'softmax':     # also the network alone: softmax mean, no edge snapping
             methods[f'model: {m} (softmax, no snap)'] = propagator_method(
                 load_propagator(m, device='cpu', decode='softmax', edge_snap=0))
+        elif a.reading:                                   # and a bare file read as the default model is read
+            d = get_weights('default')
+            methods[f'model: {m} ({d.decode}, snap {d.edge_snap:g})'] = propagator_method(
+                load_propagator(m, device='cpu', decode=d.decode, edge_snap=d.edge_snap))
     methods.update({k: baseline_method(f) for k, f in BASELINES.items()})
     sintel = Path(a.sintel) if (Path(a.sintel) / 'clean' / 'alley_1').is_dir() else None
     if sintel is None: print(f'Sintel not found at {a.sintel}: figure (c) skipped', file=sys.stderr)
