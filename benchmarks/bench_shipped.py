@@ -89,22 +89,20 @@ def main(argv=None) -> int:
 
 def tune(a) -> int:
     "The --tune grid: figures (a), (b), (d), (e) of the first model per decoding and edge-snap strength."
+    from functools import partial
     from cmp_nb.losses import logits_to_flow_mode
     from cmp_nb.propagator import load_propagator
-    import cmp_nb.losses as losses
     still, moving = measure_scenes(a.scenes, seed=TUNE_SEED), measure_scenes(a.scenes, seed=TUNE_SEED + 50_000, still=False)
+    decodings = {'softmax': 'softmax', **{f'mode{w}': partial(logits_to_flow_mode, window=w) for w in (1, 3, 6)},
+                 'argmax': 'argmax'}
     rows, t0 = {}, time.time()
-    for decode in ('softmax', 'mode1', 'mode3', 'mode6', 'argmax'):
+    for name, decode in decodings.items():
         for snap in (0, 30, 100, 300):
-            kind, w = (decode[:4], int(decode[4:])) if decode.startswith('mode') else (decode, None)
-            if w is not None:                               # the mode decoding with another window, for this grid
-                losses.DECODINGS['mode'] = lambda l, n, f, w=w: logits_to_flow_mode(l, n, f, window=w)
-            m = propagator_method(load_propagator(a.models[0], device='cpu', decode=kind, edge_snap=snap))
-            d = drag_figures(m, still, (10, 30))
-            rows[f'{decode}, snap {snap}'] = {'drag_iou': d['drag_iou'], 'guided_epe': guided_epe(m, moving),
-                                             'mag_err_10px': d['mag_err_10px'], 'static_cut': d['static_cut']}
-            losses.DECODINGS['mode'] = logits_to_flow_mode
-            print(f'{decode}, snap {snap}', {k: round(v, 3) for k, v in rows[f"{decode}, snap {snap}"].items()}, flush=True)
+            m = propagator_method(load_propagator(a.models[0], device='cpu', decode=decode, edge_snap=snap))
+            d = drag_figures(m, still, (10,))
+            row = rows[f'{name}, snap {snap}'] = {'drag_iou': d['drag_iou'], 'guided_epe': guided_epe(m, moving),
+                                                 'mag_err_10px': d['mag_err_10px'], 'static_cut': d['static_cut']}
+            print(f'{name}, snap {snap}', {k: round(v, 3) for k, v in row.items()}, flush=True)
     print(figures_table(rows), f'\n({time.time() - t0:.0f} s, {a.scenes} tuning scenes per set, model {a.models[0]})')
     if a.json: Path(a.json).write_text(json.dumps(rows, indent=1))
     if a.markdown: Path(a.markdown).write_text(figures_table(rows))

@@ -73,11 +73,12 @@ def logits_to_flow_mode(logits: torch.Tensor, nbins: int = 99, fmax: float = 50.
 DECODINGS = {'softmax': logits_to_flow, 'mode': logits_to_flow_mode, 'argmax': logits_to_flow_argmax}
 
 def logits_to_dense_flow(logits: torch.Tensor, nbins: int = 99, fmax: float = 50., size=None,
-                         decode: str = 'softmax') -> torch.Tensor:
-    """Flow (B,2,*size): decoded (`DECODINGS`: softmax mean, mode, argmax), upsampled bilinearly (align_corners),
-    not rescaled."""
-    if decode not in DECODINGS: raise ValueError(f'decode must be one of {list(DECODINGS)}, got {decode!r}')
-    flow = DECODINGS[decode](logits, nbins, fmax)
+                         decode='softmax') -> torch.Tensor:
+    """Flow (B,2,*size): decoded (a `DECODINGS` name: softmax mean, mode, argmax; or a function
+    `(logits, nbins, fmax) -> flow`), upsampled bilinearly (align_corners), not rescaled."""
+    if not callable(decode) and decode not in DECODINGS:
+        raise ValueError(f'decode must be one of {list(DECODINGS)} or a function, got {decode!r}')
+    flow = (decode if callable(decode) else DECODINGS[decode])(logits, nbins, fmax)
     if size is None or tuple(flow.shape[-2:]) == tuple(size): return flow
     return F.interpolate(flow, size=tuple(size), mode='bilinear', align_corners=True)
 

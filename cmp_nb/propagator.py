@@ -57,15 +57,16 @@ DEFAULT_MAX_SIDE = 384   # the paper's training crop: the scale for a model whos
 
 class Propagator:
     """Encode an image once; predict dense flow (in the image's own pixels) for any guidance. `max_side`, `decode`
-    (`cmp_nb.losses.DECODINGS`) and `edge_snap` (`snap_to_edges`' strength at the model's scale; 0: off) default to
-    what the model's registry entry recommends."""
+    (a `cmp_nb.losses.DECODINGS` name, or a function as `logits_to_dense_flow` takes) and `edge_snap`
+    (`snap_to_edges`' strength at the model's scale; 0: off) default to what the model's registry entry recommends."""
     def __init__(self, model: torch.nn.Module, device=None, max_side: int | None = None,
-                 decode: str | None = None, edge_snap: float | None = None):
-        entry = getattr(getattr(model, 'record', None), 'weights', None)     # the model's registry entry, if any
+                 decode=None, edge_snap: float | None = None):
+        record = getattr(model, 'record', None)
+        entry = getattr(record, 'weights', None)                 # the model's registry entry, if any
         if decode is None: decode = getattr(entry, 'decode', 'softmax')
-        if decode not in DECODINGS: raise ValueError(f'decode must be one of {list(DECODINGS)}, got {decode!r}')
-        if max_side is None:
-            max_side = getattr(getattr(model, 'record', None), 'train_crop', None) or DEFAULT_MAX_SIDE
+        if not callable(decode) and decode not in DECODINGS:
+            raise ValueError(f'decode must be one of {list(DECODINGS)} or a function, got {decode!r}')
+        if max_side is None: max_side = getattr(record, 'train_crop', None) or DEFAULT_MAX_SIDE
         if int(max_side) != max_side or max_side < 1:
             raise ValueError(f'max_side must be a positive integer, got {max_side!r}')
         self.device = pick_device('auto' if device is None else device)
