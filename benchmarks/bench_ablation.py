@@ -6,13 +6,18 @@ Variants (all the small CPU encoder, batch 8, 192 px crops, on this 2-core CPU):
   quickstart            the shipped quickstart model: plain decoder, classic scenes, the paper's sampler only
   chairs-sampler-400    plain decoder, CHAIRS scenes, the paper's sampler only (data.options.interactive=0), 400 its
   chairs-mixed-400      plain decoder, CHAIRS scenes, half interactive-style guidance, 400 iterations
-  stage1-plain          plain decoder (logits at 1/8), CHAIRS scenes, the mix, 3600 its (configs/base.yaml)
+  stage1-plain          plain decoder (logits at 1/8), CHAIRS scenes, the mix, 3600 its (configs/stage1.yaml)
   stage2-refine         + the refine decoder (logits at 1/4, guidance at 1/4), 40 px shifts, 2000 its
                         (configs/refine.yaml, started from stage1-plain)
   stage3-attend         + attention over the guided cells, 1600 its (configs/attend.yaml, from stage2-refine)
   stage4-attend         stage3-attend with its local term, 1600 more its (configs/attend2.yaml, from stage3-attend)
-  default               the shipped default network: 2400 more its with 70% interactive-style guidance
-                        (configs/attend3.yaml, started from stage4-attend); softmax-mean decoding, no edge snap
+  stage5-attend         2400 more its with 70% interactive-style guidance (configs/attend3.yaml, from
+                        stage4-attend): the previous default, five stages in all
+  single-2400           small-attend from scratch in one config, half interactive-style guidance, 40 px shifts,
+                        2400 its (configs/single.yaml; its weights are not shipped: read from runs/scratch/model.pt
+                        when present)
+  default               the shipped default network: small-attend from scratch in one config, 60% interactive-style
+                        guidance, 40 px shifts, 7000 its (configs/base.yaml); softmax-mean decoding, no edge snap
   default, as shipped   the same weights as `load_propagator()` runs them: the mode decoding and edge snapping
                         its registry entry recommends (cmp_nb.losses.logits_to_flow_mode, cmp_nb.propagator.snap_to_edges)
 total_min adds up the training minutes of a stage and of the stages it started from.
@@ -30,9 +35,9 @@ from cmp_nb.baselines import (drag_iou, guided_epe, magnitude_error, measure_sce
 
 ROOT = Path(__file__).resolve().parents[1]
 def _options(interactive: float) -> str:
-    "The data.options override of configs/base.yaml with another share of interactive-style guidance (JSON is YAML)."
+    "The data.options override of configs/stage1.yaml with another share of interactive-style guidance (JSON is YAML)."
     from cmp_nb.config import load_config
-    return 'data.options=' + json.dumps({**load_config(ROOT / 'configs' / 'base.yaml')['data']['options'], 'interactive': interactive})
+    return 'data.options=' + json.dumps({**load_config(ROOT / 'configs' / 'stage1.yaml')['data']['options'], 'interactive': interactive})
 
 RUNS = {'chairs-sampler-400': ['train.iters=400', 'train.threads=1', _options(0.0)],
         'chairs-mixed-400': ['train.iters=400', 'train.threads=1', _options(0.5)]}
@@ -41,10 +46,13 @@ SHIPPED = {'quickstart': ('data_samples/quickstart.pt', 'data_samples/quickstart
            'stage2-refine': ('data_samples/default_run/stage2/model.pt', 'data_samples/default_run/stage2/summary.json'),
            'stage3-attend': ('data_samples/default_run/stage3/model.pt', 'data_samples/default_run/stage3/summary.json'),
            'stage4-attend': ('data_samples/default_run/stage4/model.pt', 'data_samples/default_run/stage4/summary.json'),
+           'stage5-attend': ('data_samples/default_run/stage5/model.pt', 'data_samples/default_run/stage5/summary.json'),
+           'single-2400': ('runs/scratch/model.pt', 'data_samples/default_run/single/summary.json'),
            'default': ('data_samples/default.pt', 'data_samples/default_run/summary.json'),
            'default, as shipped': ('default', 'data_samples/default_run/summary.json')}
+HOW = {'single-2400': 'train it: cmp_train --config configs/single.yaml ckpt.run_dir=runs/scratch'}
 PARENT = {'stage2-refine': 'stage1-plain', 'stage3-attend': 'stage2-refine', 'stage4-attend': 'stage3-attend',
-          'default': 'stage4-attend', 'default, as shipped': 'stage4-attend'}
+          'stage5-attend': 'stage4-attend'}
 
 
 def main(argv=None) -> int:
@@ -58,7 +66,7 @@ def main(argv=None) -> int:
     for name, overrides in RUNS.items():
         run = ROOT / 'runs' / 'ablation' / name
         if a.train and not (run / 'model.pt').exists():
-            cmd = [sys.executable, '-m', 'cmp_nb.train', '--config', str(ROOT / 'configs' / 'base.yaml'), *overrides,
+            cmd = [sys.executable, '-m', 'cmp_nb.train', '--config', str(ROOT / 'configs' / 'stage1.yaml'), *overrides,
                    f'ckpt.run_dir={run}', 'log.progress=false', 'log.val_every=0', 'log.image_every=0']
             print('training', name, flush=True); subprocess.run(cmd, check=True)
         files[name] = (run / 'model.pt', run / 'summary.json')
@@ -66,7 +74,9 @@ def main(argv=None) -> int:
     drag, moving = measure_scenes(a.scenes), measure_scenes(a.scenes, seed=MEASURE_SEED + 50_000, still=False)
     rows, t0 = {}, time.time()
     for name, (ck, summ) in files.items():
-        if isinstance(ck, Path) and not ck.exists(): print(f'{name}: {ck} missing, skipped (run with --train)', file=sys.stderr); continue
+        if isinstance(ck, Path) and not ck.exists():
+            how = HOW.get(name, 'run with --train')
+            print(f'{name}: {ck} missing, skipped ({how})', file=sys.stderr); continue
         raw = {} if name == 'default, as shipped' else {'decode': 'softmax', 'edge_snap': 0}   # the network alone
         prop = load_propagator(str(ck), device='cpu', **raw)
         m = propagator_method(prop)

@@ -103,10 +103,10 @@ SMALL_CHAIRS = register_weights(Weights(
     name='small-chairs', preset='small-attend', train_crop=192, licence='Apache-2.0 (cmp_nb)',
     description="cmp_nb's default model: the small CPU encoder with the attend decoder (logits at 1/4, "
                 'pixels attend to the guided cells), trained on CHAIRS scenes with interactive-style guidance',
-    trained_on=('CHAIRS-recipe synthetic scenes with exact flow (cmp_nb.synthetic.CHAIRS), in stages: '
-                'plain decoder 3600 iterations, refine decoder 2000, attend decoder 1600 + 1600 + 2400, x 8 '
-                'crops of 192 px; guidance: watershed + grid (K=31, G=80) and interactive-style (half, 70% in '
-                'the last stage; departs from the paper); run with the mode decoding and edge snapping'),
+    trained_on=('CHAIRS-recipe synthetic scenes with exact flow (cmp_nb.synthetic.CHAIRS), one config from '
+                'scratch (configs/base.yaml): 7000 iterations x 8 crops of 192 px; guidance: watershed + grid '
+                '(K=31, G=80) and interactive-style (60%; departs from the paper); run with the mode decoding and '
+                'edge snapping'),
     file='data_samples/default.pt', card='data_samples/default.md',
     figures='data_samples/default_run/figures.json#model: default',
     figures_note='cmp_nb.baselines figures (a)-(e) from benchmarks/bench_shipped.py; the baselines are in '
