@@ -49,7 +49,8 @@ SHIPPED = {'quickstart': ('data_samples/quickstart.pt', 'data_samples/quickstart
            'stage5-attend': ('data_samples/default_run/stage5/model.pt', 'data_samples/default_run/stage5/summary.json'),
            'single-2400': ('runs/scratch/model.pt', 'data_samples/default_run/single/summary.json'),
            'default': ('data_samples/default.pt', 'data_samples/default_run/summary.json'),
-           'default, as shipped': ('default', 'data_samples/default_run/summary.json')}
+           'default, as shipped': ('data_samples/default.pt', 'data_samples/default_run/summary.json')}
+AS_SHIPPED = {'default, as shipped'}     # read as the default entry says (decode, edge_snap); the rest: the network alone
 HOW = {'single-2400': 'train it: cmp_train --config configs/single.yaml ckpt.run_dir=runs/scratch'}
 PARENT = {'stage2-refine': 'stage1-plain', 'stage3-attend': 'stage2-refine', 'stage4-attend': 'stage3-attend',
           'stage5-attend': 'stage4-attend'}
@@ -57,12 +58,13 @@ PARENT = {'stage2-refine': 'stage1-plain', 'stage3-attend': 'stage2-refine', 'st
 
 def main(argv=None) -> int:
     from cmp_nb.propagator import load_propagator
+    from cmp_nb.weights import get_weights
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--train', action='store_true', help='train the 400-iteration variants first')
     p.add_argument('--scenes', type=int, default=24)
     p.add_argument('--json'); p.add_argument('--markdown')
     a = p.parse_args(argv)
-    files = {k: (f if '/' not in f else ROOT / f, ROOT / s) for k, (f, s) in SHIPPED.items()}   # a name, or a path
+    files = {k: (ROOT / f, ROOT / s) for k, (f, s) in SHIPPED.items()}
     for name, overrides in RUNS.items():
         run = ROOT / 'runs' / 'ablation' / name
         if a.train and not (run / 'model.pt').exists():
@@ -74,11 +76,12 @@ def main(argv=None) -> int:
     drag, moving = measure_scenes(a.scenes), measure_scenes(a.scenes, seed=MEASURE_SEED + 50_000, still=False)
     rows, t0 = {}, time.time()
     for name, (ck, summ) in files.items():
-        if isinstance(ck, Path) and not ck.exists():
+        if not ck.exists():
             how = HOW.get(name, 'run with --train')
             print(f'{name}: {ck} missing, skipped ({how})', file=sys.stderr); continue
-        raw = {} if name == 'default, as shipped' else {'decode': 'softmax', 'edge_snap': 0}   # the network alone
-        prop = load_propagator(str(ck), device='cpu', **raw)
+        entry = get_weights('default') if name in AS_SHIPPED else None
+        prop = load_propagator(str(ck), device='cpu', decode=entry.decode if entry else 'softmax',
+                               edge_snap=entry.edge_snap if entry else 0)
         m = propagator_method(prop)
         s = json.loads(summ.read_text()) if summ.exists() else {}
         rows[name] = {'params_M': sum(q.numel() for q in prop.model.parameters()) / 1e6,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['DECODINGS', 'check_bins', 'bin_centers', 'flow_to_bins', 'logits_to_flow', 'logits_to_flow_argmax',
-           'logits_to_flow_mode', 'logits_to_dense_flow', 'resize_target', 'DiscreteFlowLoss']
+           'logits_to_flow_mode', 'decoding', 'logits_to_dense_flow', 'resize_target', 'DiscreteFlowLoss']
 
 # %% ../nbs/03_losses.ipynb #9c7e78c3
 def check_bins(nbins: int, fmax: float) -> None:
@@ -72,13 +72,18 @@ def logits_to_flow_mode(logits: torch.Tensor, nbins: int = 99, fmax: float = 50.
 # %% ../nbs/03_losses.ipynb #5e1d0f02
 DECODINGS = {'softmax': logits_to_flow, 'mode': logits_to_flow_mode, 'argmax': logits_to_flow_argmax}
 
+def decoding(decode):
+    "The decoding function `decode` names in `DECODINGS`, or `decode` itself when it is a function."
+    if callable(decode): return decode
+    if decode not in DECODINGS:
+        raise ValueError(f'decode must be one of {list(DECODINGS)} or a function, got {decode!r}')
+    return DECODINGS[decode]
+
 def logits_to_dense_flow(logits: torch.Tensor, nbins: int = 99, fmax: float = 50., size=None,
                          decode='softmax') -> torch.Tensor:
     """Flow (B,2,*size): decoded (a `DECODINGS` name: softmax mean, mode, argmax; or a function
     `(logits, nbins, fmax) -> flow`), upsampled bilinearly (align_corners), not rescaled."""
-    if not callable(decode) and decode not in DECODINGS:
-        raise ValueError(f'decode must be one of {list(DECODINGS)} or a function, got {decode!r}')
-    flow = (decode if callable(decode) else DECODINGS[decode])(logits, nbins, fmax)
+    flow = decoding(decode)(logits, nbins, fmax)
     if size is None or tuple(flow.shape[-2:]) == tuple(size): return flow
     return F.interpolate(flow, size=tuple(size), mode='bilinear', align_corners=True)
 

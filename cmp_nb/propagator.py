@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .core import pick_device
 from .flow import load_image, image_to_tensor, flow_to_color, color_wheel
 from .guidance import points_to_sparse, as_points, draw_guidance   # also cmp_nb.propagator's names
-from .losses import logits_to_dense_flow, DECODINGS
+from .losses import logits_to_dense_flow, decoding
 
 # %% auto #0
 __all__ = ['DEFAULT_MAX_SIDE', 'model_size', 'snap_to_edges', 'Propagator', 'show_prediction', 'load_model', 'load_propagator']
@@ -64,8 +64,7 @@ class Propagator:
         record = getattr(model, 'record', None)
         entry = getattr(record, 'weights', None)                 # the model's registry entry, if any
         if decode is None: decode = getattr(entry, 'decode', 'softmax')
-        if not callable(decode) and decode not in DECODINGS:
-            raise ValueError(f'decode must be one of {list(DECODINGS)} or a function, got {decode!r}')
+        decoding(decode)                                          # a clear error for an unknown name, here
         if max_side is None: max_side = getattr(record, 'train_crop', None) or DEFAULT_MAX_SIDE
         if int(max_side) != max_side or max_side < 1:
             raise ValueError(f'max_side must be a positive integer, got {max_side!r}')
