@@ -17,12 +17,12 @@ from .baselines import deepest_point
 from .widgets import FlowCanvas, split_edits, resize_image, _plural
 
 # %% auto #0
-__all__ = ['DUMMY_PX', 'REFINERS', 'CLICK_RULES', 'MAX_CLICKS', 'ANNOTATION_SEED', 'PHOTO_SEED', 'directions', 'click_guidance',
-           'fuse_flows', 'keep_clicked', 'negative_cut', 'default_magnitude', 'click_mask', 'iou', 'standard_click',
-           'largest_region_click', 'CMPClicks', 'random_walker_mask', 'grabcut_mask', 'ImageClicks', 'baselines',
-           'grabcut_refine', 'simulate_clicks', 'click_metrics', 'synthetic_tasks', 'photo_tasks', 'annotation_sets',
-           'annotation_benchmark', 'results_table', 'save_mask', 'load_mask', 'mask_to_rle', 'rle_to_mask',
-           'coco_export', 'coco_load', 'overlay_mask', 'AnnotationCanvas']
+__all__ = ['DUMMY_PX', 'REFINERS', 'CLICK_RULES', 'ANCHORS', 'MAX_CLICKS', 'ANNOTATION_SEED', 'PHOTO_SEED', 'directions',
+           'click_guidance', 'fuse_flows', 'keep_clicked', 'negative_cut', 'default_magnitude', 'click_mask', 'iou',
+           'standard_click', 'largest_region_click', 'anchor_points', 'CMPClicks', 'random_walker_mask', 'grabcut_mask',
+           'ImageClicks', 'baselines', 'grabcut_refine', 'simulate_clicks', 'click_metrics', 'synthetic_tasks',
+           'photo_tasks', 'annotation_sets', 'annotation_benchmark', 'results_table', 'save_mask', 'load_mask',
+           'mask_to_rle', 'rle_to_mask', 'coco_export', 'coco_load', 'overlay_mask', 'AnnotationCanvas']
 
 # %% ../nbs/08_annotate.ipynb #cccb9fbe
 def directions(n: int = 8) -> np.ndarray:
@@ -108,16 +108,19 @@ def _refiner(refine):
 
 def click_mask(prop, positive, negative=None, n_directions: int = 8, magnitude: float | None = None,
                soft: bool = True, relative: bool = True, threshold: float = 0.5, cut: bool = True,
-               connected: bool = True, refine: str | None = None, return_scores: bool = False):
+               connected: bool = True, refine: str | None = None, static=None, return_scores: bool = False):
     """Object mask (H,W) bool from clicks on the Propagator's current image (set_image first).
     relative: a pixel 'moved fully' when it moved as much as the positive clicks themselves are predicted to
     move (not the dummy magnitude); soft: `fuse_flows`' soft score; cut: drop pixels that move like a negative
     click (`negative_cut`); refine: None (CMP alone, as in the paper) or 'grabcut' (`grabcut_refine`: GrabCut
-    started from CMP's mask); connected: keep the mask parts that hold a positive click."""
+    started from CMP's mask); connected: keep the mask parts that hold a positive click; static: more (N,2)
+    points held still in every direction's guidance that, unlike negative clicks, cut nothing (`CMPClicks`'
+    anchors)."""
     if getattr(prop, 'image', None) is None: raise RuntimeError('call prop.set_image(image) before click_mask')
     refiner = _refiner(refine)
     m = default_magnitude(prop) if magnitude is None else float(magnitude)
-    sets, dirs = click_guidance(positive, negative, n_directions, m), directions(n_directions)
+    still = np.concatenate([_clicks(negative), _clicks(static)])
+    sets, dirs = click_guidance(positive, still if len(still) else None, n_directions, m), directions(n_directions)
     H, W = prop.image.shape[:2]
     batch = max(1, min(len(sets), 2 ** 25 // (H * W)))      # caps memory for huge photos; one batch normally
     flows = np.concatenate([prop.predict_many(sets[i:i + batch]) for i in range(0, len(sets), batch)])
@@ -172,18 +175,89 @@ def largest_region_click(gt, pred):
 
 CLICK_RULES = {'standard': standard_click, 'largest-region': largest_region_click}
 
+# %% ../nbs/08_annotate.ipynb #ea4c157c
+ANCHORS = dict(stride=32, margin=18, clear=24, reach=3.0, max_score=0.05)   # model px, tuned on the seeds from +500
+
+def anchor_points(previous, scores, positive, scale: float = 1.0, stride: float = 32, margin: float = 18,
+                  clear: float = 24, reach: float = 3.0, max_score: float = 0.05) -> np.ndarray:
+    """Anchors (N,2) x,y: static guidance the tool adds from its own previous mask (H,W) bool and score (H,W):
+    grid points every `stride` px more than `margin` px outside the mask, where the score is below `max_score`,
+    and farther than max(clear, reach * d) from every positive click (d: that click's distance from the mask).
+    Lengths are in model px, times `scale` (image px per model px). None when the previous mask is empty."""
+    prev = np.asarray(previous, bool)
+    sc = np.asarray(scores, np.float32)
+    if prev.ndim != 2 or sc.shape != prev.shape:
+        raise ValueError(f'previous mask and scores must be (H,W) of one shape, got {prev.shape} and {sc.shape}')
+    if not prev.any(): return np.zeros((0, 2), np.float32)
+    H, W = prev.shape
+    dist = ndimage.distance_transform_edt(~prev)
+    s = max(1.0, stride * scale)
+    ys, xs = np.meshgrid(np.arange(s / 2, H, s), np.arange(s / 2, W, s), indexing='ij')
+    yi, xi = np.minimum(ys.astype(int), H - 1), np.minimum(xs.astype(int), W - 1)
+    ok = (dist[yi, xi] > margin * scale) & (sc[yi, xi] < max_score)
+    for x, y in _clicks(positive):
+        d = dist[min(max(int(round(y)), 0), H - 1), min(max(int(round(x)), 0), W - 1)]
+        ok &= np.hypot(xs - x, ys - y) > max(clear * scale, reach * d)
+    return np.stack([xs[ok], ys[ok]], 1).astype(np.float32)
+
 # %% ../nbs/08_annotate.ipynb #a2ad1885
 class CMPClicks:
     """CMP as a click segmenter: `set_image(img)` encodes once, `(positive, negative) -> mask` runs
-    `click_mask`."""
-    def __init__(self, prop, **mask_kw):
+    `click_mask`, with anchors from its own previous mask (`anchors=True`, `ANCHORS` settings) after the
+    first click. `session(clicks)` gives mask, scores and anchors after ordered clicks [(x, y, positive)]."""
+    def __init__(self, prop, anchors: bool | dict = True, **mask_kw):
         if not hasattr(prop, 'predict_many'):
             raise TypeError(f'CMPClicks needs a cmp_nb Propagator, got {type(prop).__name__}')
+        if mask_kw.get('return_scores'): raise ValueError('CMPClicks returns masks; use session() for the scores')
+        bad = set(anchors) - set(ANCHORS) if isinstance(anchors, dict) else set()
+        if bad: raise ValueError(f'unknown anchor settings {sorted(bad)}; use {sorted(ANCHORS)}')
         self.prop, self.mask_kw = prop, mask_kw
+        self.anchors = {**ANCHORS, **anchors} if isinstance(anchors, dict) else (dict(ANCHORS) if anchors else None)
         r = mask_kw.get('refine')
-        self.name = 'CMP' if r is None else f"CMP + {'GrabCut' if r == 'grabcut' else r}"
+        self.name = ('CMP' if r is None else f"CMP + {'GrabCut' if r == 'grabcut' else r}") + \
+                    ('' if self.anchors else ' (no anchors)')
+        self._image, self._cache, self._last = None, {}, ()
+
     def set_image(self, image): self.prop.set_image(image); return self
-    def __call__(self, positive, negative=None): return click_mask(self.prop, positive, negative, **self.mask_kw)
+
+    def _sync(self):                                       # a new image (from anywhere) drops the cache
+        if self.prop.image is not self._image: self._image, self._cache, self._last = self.prop.image, {}, ()
+
+    def session(self, clicks) -> dict:
+        "{'mask', 'scores', 'anchors'} after the ordered clicks [(x, y, positive)] (cached per prefix)."
+        if getattr(self.prop, 'image', None) is None: raise RuntimeError('call set_image(image) first')
+        self._sync()
+        key = tuple((float(x), float(y), bool(p)) for x, y, p in clicks)
+        if key in self._cache: return self._cache[key]
+        pos = [(x, y) for x, y, p in key if p]
+        neg = np.asarray([(x, y) for x, y, p in key if not p], np.float32).reshape(-1, 2)
+        H, W = self.prop.image.shape[:2]
+        anchors = np.zeros((0, 2), np.float32)
+        if not pos: out = dict(mask=np.zeros((H, W), bool), scores=np.zeros((H, W), np.float32), anchors=anchors)
+        else:
+            if self.anchors and len(key) > 1:
+                prev = self.session(key[:-1])
+                anchors = anchor_points(prev['mask'], prev['scores'], pos, default_magnitude(self.prop, 1.0),
+                                        **self.anchors)
+            mask, scores = click_mask(self.prop, pos, neg if len(neg) else None, static=anchors,
+                                      return_scores=True, **self.mask_kw)
+            out = dict(mask=mask, scores=scores, anchors=anchors)
+        self._cache[key] = out
+        return out
+
+    def __call__(self, positive, negative=None):
+        "Mask after these clicks: the previous call's clicks keep their order, new ones come after them."
+        if getattr(self.prop, 'image', None) is None: raise RuntimeError('call set_image(image) first')
+        self._sync()
+        new = [(float(x), float(y), True) for x, y in _clicks(positive)] + \
+              [(float(x), float(y), False) for x, y in _clicks(negative)]
+        rest = list(new)                                   # a click made twice counts twice
+        for c in self._last:
+            if c not in rest: rest = None; break           # not an extension of the last call: take the given order
+            rest.remove(c)
+        order = new if rest is None else [*self._last, *rest]
+        self._last = tuple(order)
+        return self.session(order)['mask']
 
 # %% ../nbs/08_annotate.ipynb #86116e6a
 def _seeds(shape, positive, negative, radius: int, border: bool) -> np.ndarray:
@@ -262,8 +336,8 @@ MAX_CLICKS = 20
 
 def simulate_clicks(segmenter, image, gt, n_clicks: int = MAX_CLICKS, rule: str = 'standard', **mask_kw) -> dict:
     """Annotate one object with simulated clicks, from an empty mask: {'iou': [after click 1..n], 'clicks':
-    [(x, y, positive)], 'masks', 'seconds': [per click]}. `segmenter`: a Propagator (CMP, `mask_kw` go to
-    `click_mask`) or anything with `set_image(image)` and `(positive, negative) -> mask` (`CMPClicks`,
+    [(x, y, positive)], 'masks', 'seconds': [per click]}. `segmenter`: a Propagator (run as
+    `CMPClicks(segmenter, **mask_kw)`: `anchors` and `click_mask`'s options) or anything with `set_image(image)` and `(positive, negative) -> mask` (`CMPClicks`,
     `baselines()`)."""
     if rule not in CLICK_RULES: raise ValueError(f'unknown click rule {rule!r}; use one of {list(CLICK_RULES)}')
     if hasattr(segmenter, 'predict_many'): segmenter = CMPClicks(segmenter, **mask_kw)
@@ -501,28 +575,33 @@ def overlay_mask(image, mask, color=(0, 220, 0), alpha: float = 0.5) -> np.ndarr
 
 # %% ../nbs/08_annotate.ipynb #9e24aa7b
 class AnnotationCanvas(FlowCanvas):
-    "Click positive / negative points on an image; the object mask is shown over it and can be saved."
+    """Click positive / negative points on an image; the object mask is shown over it and can be saved.
+    `anchors`: `CMPClicks`' static points from the previous mask (drawn as small white dots)."""
     def __init__(self, propagator, image, n_directions: int = 8, magnitude: float | None = None,
-                 threshold: float = 0.5, connected: bool = True, refine: str | None = None, **kwargs):
+                 threshold: float = 0.5, connected: bool = True, refine: str | None = None,
+                 anchors: bool | dict = True, **kwargs):
         if not hasattr(propagator, 'predict_many'):
             raise TypeError(f'propagator must be a cmp_nb Propagator, got {type(propagator).__name__}')
         _refiner(refine)                                     # an unknown name fails here, not at the first click
-        self.mask_kw = dict(n_directions=n_directions, magnitude=magnitude, threshold=threshold,
-                            connected=connected, refine=refine)
-        self.mask = None
+        self.clicker = CMPClicks(propagator, anchors=anchors, n_directions=n_directions, magnitude=magnitude,
+                                 threshold=threshold, connected=connected, refine=refine)
+        self.mask, self.anchors = None, np.zeros((0, 2), np.float32)
         super().__init__(propagator, image, mode='annotate', **kwargs)
 
     def _compute(self, edits):
-        g = split_edits(edits)
+        g = split_edits(edits)                               # checks every edit
         if len(g['arrow']) or len(g['static']): raise ValueError('annotation mode takes pos/neg clicks only')
         img = self.prop.image
-        if len(g['pos']):
-            mask = click_mask(self.prop, g['pos'], g['neg'] if len(g['neg']) else None, **self.mask_kw)
-        else: mask = np.zeros(img.shape[:2], bool)
-        picture = resize_image(overlay_mask(img, mask), self.disp_size)
+        s = self.clicker.session([(e[1], e[2], e[0] == 'pos') for e in edits])   # in click order; undo is cached
+        picture = overlay_mask(img, s['mask'])
+        sy, sx = picture.shape[0] / self.disp_size[0], picture.shape[1] / self.disp_size[1]
+        picture = np.array(resize_image(picture, self.disp_size))   # writable: anchors are drawn on it
+        for x, y in s['anchors']:
+            c = (int(round(x / sx)), int(round(y / sy)))
+            cv2.circle(picture, c, 3, (0, 0, 0), -1, cv2.LINE_AA); cv2.circle(picture, c, 2, (255, 255, 255), -1, cv2.LINE_AA)
         info = (f"{_plural(len(g['pos']), 'positive')}, {len(g['neg'])} negative, "
-                f"mask {100 * mask.mean():.1f}% of the image")
-        return picture, info, dict(mask=mask)                # `mask` is set when the result is published
+                f"{_plural(len(s['anchors']), 'anchor')}, mask {100 * s['mask'].mean():.1f}% of the image")
+        return picture, info, dict(mask=s['mask'], anchors=s['anchors'])   # set when the result is published
 
     def save_mask(self, path) -> Path:
         "Export the current mask as a PNG (0 / 255)."
