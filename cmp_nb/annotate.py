@@ -224,16 +224,18 @@ class CMPClicks:
         if self.prop.image is not self._image: self._image, self._cache, self._last = self.prop.image, {}, ()
 
     def session(self, clicks) -> dict:
-        "{'mask', 'scores', 'anchors'} after the ordered clicks [(x, y, positive)] (cached per prefix)."
+        """{'mask', 'scores' (float16), 'anchors'} after the ordered clicks [(x, y, positive)]. Cached for every
+        prefix of the latest clicks (what undo needs), and only those: memory grows with the clicks, not the calls."""
         if getattr(self.prop, 'image', None) is None: raise RuntimeError('call set_image(image) first')
         self._sync()
         key = tuple((float(x), float(y), bool(p)) for x, y, p in clicks)
+        self._cache = {k: v for k, v in self._cache.items() if key[:len(k)] == k}   # an undone branch goes
         if key in self._cache: return self._cache[key]
         pos = [(x, y) for x, y, p in key if p]
         neg = np.asarray([(x, y) for x, y, p in key if not p], np.float32).reshape(-1, 2)
         H, W = self.prop.image.shape[:2]
         anchors = np.zeros((0, 2), np.float32)
-        if not pos: out = dict(mask=np.zeros((H, W), bool), scores=np.zeros((H, W), np.float32), anchors=anchors)
+        if not pos: out = dict(mask=np.zeros((H, W), bool), scores=np.zeros((H, W), np.float16), anchors=anchors)
         else:
             if self.anchors and len(key) > 1:
                 prev = self.session(key[:-1])
@@ -241,7 +243,7 @@ class CMPClicks:
                                         **self.anchors)
             mask, scores = click_mask(self.prop, pos, neg if len(neg) else None, static=anchors,
                                       return_scores=True, **self.mask_kw)
-            out = dict(mask=mask, scores=scores, anchors=anchors)
+            out = dict(mask=mask, scores=scores.astype(np.float16), anchors=anchors)
         self._cache[key] = out
         return out
 
