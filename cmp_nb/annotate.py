@@ -578,16 +578,17 @@ def overlay_mask(image, mask, color=(0, 220, 0), alpha: float = 0.5) -> np.ndarr
 # %% ../nbs/08_annotate.ipynb #9e24aa7b
 class AnnotationCanvas(FlowCanvas):
     """Click positive / negative points on an image; the object mask is shown over it and can be saved.
-    `anchors`: `CMPClicks`' static points from the previous mask (drawn as small white dots)."""
+    `anchors`: `CMPClicks`' static points from the previous mask, drawn as small white dots unless
+    `show_anchors=False` (they are used either way)."""
     def __init__(self, propagator, image, n_directions: int = 8, magnitude: float | None = None,
                  threshold: float = 0.5, connected: bool = True, refine: str | None = None,
-                 anchors: bool | dict = True, **kwargs):
+                 anchors: bool | dict = True, show_anchors: bool = True, **kwargs):
         if not hasattr(propagator, 'predict_many'):
             raise TypeError(f'propagator must be a cmp_nb Propagator, got {type(propagator).__name__}')
         _refiner(refine)                                     # an unknown name fails here, not at the first click
         self.clicker = CMPClicks(propagator, anchors=anchors, n_directions=n_directions, magnitude=magnitude,
                                  threshold=threshold, connected=connected, refine=refine)
-        self.mask, self.anchors = None, np.zeros((0, 2), np.float32)
+        self.mask, self.anchors, self.show_anchors = None, np.zeros((0, 2), np.float32), show_anchors
         super().__init__(propagator, image, mode='annotate', **kwargs)
 
     def _compute(self, edits):
@@ -598,7 +599,7 @@ class AnnotationCanvas(FlowCanvas):
         picture = overlay_mask(img, s['mask'])
         sy, sx = picture.shape[0] / self.disp_size[0], picture.shape[1] / self.disp_size[1]
         picture = np.array(resize_image(picture, self.disp_size))   # writable: anchors are drawn on it
-        for x, y in s['anchors']:
+        for x, y in (s['anchors'] if self.show_anchors else ()):
             c = (int(round(x / sx)), int(round(y / sy)))
             cv2.circle(picture, c, 3, (0, 0, 0), -1, cv2.LINE_AA); cv2.circle(picture, c, 2, (255, 255, 255), -1, cv2.LINE_AA)
         info = (f"{_plural(len(g['pos']), 'positive')}, {len(g['neg'])} negative, "
