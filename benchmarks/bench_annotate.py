@@ -9,9 +9,10 @@ Test sets (`cmp_nb.annotate.annotation_sets`, held-out seeds from ANNOTATION_SEE
 objects and articulated parts of synthetic scenes, and objects pasted onto real photographs; exact masks.
 Methods on the same clicks: CMP (`load_propagator()`, the default model, at its training scale; or --weights;
 `CMPClicks`, with anchors: static points it adds from its own previous mask), CMP (no anchors) (the paper's tool:
-only the user's clicks are guidance; leave it out with --no-ablation), CMP + GrabCut (GrabCut started from CMP's mask: `click_mask(refine='grabcut')`, not in the paper),
-scikit-image random_walker, OpenCV GrabCut. s/click is the time per click of each method on this CPU (CMP: all
-directions in one batch against cached image features; the image encoding is not counted).
+only the user's clicks are guidance; leave it out with --no-ablation), CMP + GrabCut (GrabCut started from CMP's
+mask: `click_mask(refine='grabcut')`, not in the paper), scikit-image random_walker, OpenCV GrabCut. s/click is
+the time per click of each method on this CPU (CMP: all directions in one batch against cached image features; the
+image encoding is not counted).
 
 Run: .venv/bin/python benchmarks/bench_annotate.py [--scenes 6] [--clicks 20] [--rule standard] [--json out.json]
      [--plot curve.png] [--weights NAME_OR_PATH] [--no-baselines] [--no-refine] [--no-ablation]

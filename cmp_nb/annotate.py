@@ -60,12 +60,14 @@ def fuse_flows(flows, dirs, reference, soft: bool = True, threshold: float = 0.5
     return np.clip(follow, 0, 1).mean(0) if soft else (follow > threshold).mean(0)
 
 # %% ../nbs/08_annotate.ipynb #287f4ab6
+def _pixel(x, y, shape) -> tuple:
+    "The (row, column) of the pixel at click (x, y), clamped into an image of `shape` (H, W, ...)."
+    return min(max(int(round(y)), 0), shape[0] - 1), min(max(int(round(x)), 0), shape[1] - 1)
+
 def keep_clicked(mask, positive) -> np.ndarray:
     "The connected parts of `mask` that contain a positive click (the whole mask if none does)."
     lab, n = ndimage.label(mask)
-    H, W = mask.shape
-    ids = {int(lab[min(max(int(round(y)), 0), H - 1), min(max(int(round(x)), 0), W - 1)])
-           for x, y in positive} - {0}
+    ids = {int(lab[_pixel(x, y, mask.shape)]) for x, y in positive} - {0}
     return np.isin(lab, list(ids)) if ids else mask
 
 # %% ../nbs/08_annotate.ipynb #02828a13
@@ -178,12 +180,13 @@ CLICK_RULES = {'standard': standard_click, 'largest-region': largest_region_clic
 # %% ../nbs/08_annotate.ipynb #ea4c157c
 ANCHORS = dict(stride=32, margin=18, clear=24, reach=3.0, max_score=0.05)   # model px, tuned on the seeds from +500
 
-def anchor_points(previous, scores, positive, scale: float = 1.0, stride: float = 32, margin: float = 18,
-                  clear: float = 24, reach: float = 3.0, max_score: float = 0.05) -> np.ndarray:
+def anchor_points(previous, scores, positive, scale: float = 1.0, stride: float = ANCHORS['stride'],
+                  margin: float = ANCHORS['margin'], clear: float = ANCHORS['clear'], reach: float = ANCHORS['reach'],
+                  max_score: float = ANCHORS['max_score']) -> np.ndarray:
     """Anchors (N,2) x,y: static guidance the tool adds from its own previous mask (H,W) bool and score (H,W):
     grid points every `stride` px more than `margin` px outside the mask, where the score is below `max_score`,
     and farther than max(clear, reach * d) from every positive click (d: that click's distance from the mask).
-    Lengths are in model px, times `scale` (image px per model px). None when the previous mask is empty."""
+    Lengths are in model px, times `scale` (image px per model px). An empty (0,2) array when there is no mask."""
     prev = np.asarray(previous, bool)
     sc = np.asarray(scores, np.float32)
     if prev.ndim != 2 or sc.shape != prev.shape:
@@ -196,7 +199,7 @@ def anchor_points(previous, scores, positive, scale: float = 1.0, stride: float 
     yi, xi = np.minimum(ys.astype(int), H - 1), np.minimum(xs.astype(int), W - 1)
     ok = (dist[yi, xi] > margin * scale) & (sc[yi, xi] < max_score)
     for x, y in _clicks(positive):
-        d = dist[min(max(int(round(y)), 0), H - 1), min(max(int(round(x)), 0), W - 1)]
+        d = dist[_pixel(x, y, dist.shape)]
         ok &= np.hypot(xs - x, ys - y) > max(clear * scale, reach * d)
     return np.stack([xs[ok], ys[ok]], 1).astype(np.float32)
 
@@ -221,13 +224,15 @@ class CMPClicks:
     def set_image(self, image): self.prop.set_image(image); return self
 
     def _sync(self):                                       # a new image (from anywhere) drops the cache
+        if getattr(self.prop, 'image', None) is None: raise RuntimeError('call set_image(image) first')
         if self.prop.image is not self._image: self._image, self._cache, self._last = self.prop.image, {}, ()
 
     def session(self, clicks) -> dict:
         """{'mask', 'scores' (float16), 'anchors'} after the ordered clicks [(x, y, positive)]. Cached for every
         prefix of the latest clicks (what undo needs), and only those: memory grows with the clicks, not the calls."""
-        if getattr(self.prop, 'image', None) is None: raise RuntimeError('call set_image(image) first')
         self._sync()
+        if any(not isinstance(c, (tuple, list)) or len(c) != 3 for c in clicks):
+            raise ValueError(f'clicks must be (x, y, positive) triples, got {list(clicks)!r}')
         key = tuple((float(x), float(y), bool(p)) for x, y, p in clicks)
         self._cache = {k: v for k, v in self._cache.items() if key[:len(k)] == k}   # an undone branch goes
         if key in self._cache: return self._cache[key]
@@ -249,7 +254,6 @@ class CMPClicks:
 
     def __call__(self, positive, negative=None):
         "Mask after these clicks: the previous call's clicks keep their order, new ones come after them."
-        if getattr(self.prop, 'image', None) is None: raise RuntimeError('call set_image(image) first')
         self._sync()
         new = [(float(x), float(y), True) for x, y in _clicks(positive)] + \
               [(float(x), float(y), False) for x, y in _clicks(negative)]
@@ -339,8 +343,8 @@ MAX_CLICKS = 20
 def simulate_clicks(segmenter, image, gt, n_clicks: int = MAX_CLICKS, rule: str = 'standard', **mask_kw) -> dict:
     """Annotate one object with simulated clicks, from an empty mask: {'iou': [after click 1..n], 'clicks':
     [(x, y, positive)], 'masks', 'seconds': [per click]}. `segmenter`: a Propagator (run as
-    `CMPClicks(segmenter, **mask_kw)`: `anchors` and `click_mask`'s options) or anything with `set_image(image)` and `(positive, negative) -> mask` (`CMPClicks`,
-    `baselines()`)."""
+    `CMPClicks(segmenter, **mask_kw)`: `anchors` and `click_mask`'s options) or anything with
+    `set_image(image)` and `(positive, negative) -> mask` (`CMPClicks`, `baselines()`)."""
     if rule not in CLICK_RULES: raise ValueError(f'unknown click rule {rule!r}; use one of {list(CLICK_RULES)}')
     if hasattr(segmenter, 'predict_many'): segmenter = CMPClicks(segmenter, **mask_kw)
     elif mask_kw: raise TypeError(f'mask options {sorted(mask_kw)} only apply to a Propagator')
