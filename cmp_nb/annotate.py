@@ -17,12 +17,12 @@ from .baselines import deepest_point
 from .widgets import FlowCanvas, split_edits, resize_image, _plural
 
 # %% auto #0
-__all__ = ['DUMMY_PX', 'REFINERS', 'CLICK_RULES', 'ANCHORS', 'MAX_CLICKS', 'ANNOTATION_SEED', 'PHOTO_SEED', 'directions',
+__all__ = ['DUMMY_PX', 'REFINERS', 'CLICK_RULES', 'ANCHORS', 'FOCUS', 'MAX_CLICKS', 'ANNOTATION_SEED', 'PHOTO_SEED', 'directions',
            'click_guidance', 'fuse_flows', 'keep_clicked', 'negative_cut', 'default_magnitude', 'click_mask', 'iou',
-           'standard_click', 'largest_region_click', 'anchor_points', 'CMPClicks', 'random_walker_mask', 'grabcut_mask',
-           'ImageClicks', 'baselines', 'grabcut_refine', 'simulate_clicks', 'click_metrics', 'synthetic_tasks',
-           'photo_tasks', 'annotation_sets', 'annotation_benchmark', 'results_table', 'save_mask', 'load_mask',
-           'mask_to_rle', 'rle_to_mask', 'coco_export', 'coco_load', 'overlay_mask', 'AnnotationCanvas']
+           'standard_click', 'largest_region_click', 'anchor_points', 'focus_region', 'CMPClicks', 'random_walker_mask',
+           'grabcut_mask', 'ImageClicks', 'baselines', 'grabcut_refine', 'simulate_clicks', 'click_metrics',
+           'synthetic_tasks', 'photo_tasks', 'annotation_sets', 'annotation_benchmark', 'results_table', 'save_mask',
+           'load_mask', 'mask_to_rle', 'rle_to_mask', 'coco_export', 'coco_load', 'overlay_mask', 'AnnotationCanvas']
 
 # %% ../nbs/08_annotate.ipynb #cccb9fbe
 def directions(n: int = 8) -> np.ndarray:
@@ -178,23 +178,31 @@ def largest_region_click(gt, pred):
 CLICK_RULES = {'standard': standard_click, 'largest-region': largest_region_click}
 
 # %% ../nbs/08_annotate.ipynb #ea4c157c
-ANCHORS = dict(stride=32, margin=18, clear=24, reach=3.0, max_score=0.05)   # model px, tuned on the seeds from +500
+ANCHORS = dict(stride=32, margin=18, clear=24, reach=3.0, max_score=0.05, frame=48)  # model px; seeds +500 tuned
 
 def anchor_points(previous, scores, positive, scale: float = 1.0, stride: float = ANCHORS['stride'],
                   margin: float = ANCHORS['margin'], clear: float = ANCHORS['clear'], reach: float = ANCHORS['reach'],
-                  max_score: float = ANCHORS['max_score']) -> np.ndarray:
+                  max_score: float = ANCHORS['max_score'], frame: float | None = ANCHORS['frame']) -> np.ndarray:
     """Anchors (N,2) x,y: static guidance the tool adds from its own previous mask (H,W) bool and score (H,W):
     grid points every `stride` px more than `margin` px outside the mask, where the score is below `max_score`,
     and farther than max(clear, reach * d) from every positive click (d: that click's distance from the mask).
-    Lengths are in model px, times `scale` (image px per model px). An empty (0,2) array when there is no mask."""
+    With no previous mask (the first click), the frame: points every `stride` px along the image border, farther
+    than `frame` px from every positive click (none if frame is None). Lengths are in model px, times `scale`
+    (image px per model px)."""
     prev = np.asarray(previous, bool)
     sc = np.asarray(scores, np.float32)
     if prev.ndim != 2 or sc.shape != prev.shape:
         raise ValueError(f'previous mask and scores must be (H,W) of one shape, got {prev.shape} and {sc.shape}')
-    if not prev.any(): return np.zeros((0, 2), np.float32)
     H, W = prev.shape
-    dist = ndimage.distance_transform_edt(~prev)
     s = max(1.0, stride * scale)
+    if not prev.any():
+        if frame is None: return np.zeros((0, 2), np.float32)
+        xs, ys = np.arange(s / 2, W, s), np.arange(s / 2, H, s)
+        pts = np.concatenate([np.stack([xs, np.full_like(xs, e)], 1) for e in (0, H - 1)] +
+                             [np.stack([np.full_like(ys, e), ys], 1) for e in (0, W - 1)]).astype(np.float32)
+        for x, y in _clicks(positive): pts = pts[np.hypot(pts[:, 0] - x, pts[:, 1] - y) > frame * scale]
+        return pts
+    dist = ndimage.distance_transform_edt(~prev)
     ys, xs = np.meshgrid(np.arange(s / 2, H, s), np.arange(s / 2, W, s), indexing='ij')
     yi, xi = np.minimum(ys.astype(int), H - 1), np.minimum(xs.astype(int), W - 1)
     ok = (dist[yi, xi] > margin * scale) & (sc[yi, xi] < max_score)
@@ -203,22 +211,49 @@ def anchor_points(previous, scores, positive, scale: float = 1.0, stride: float 
         ok &= np.hypot(xs - x, ys - y) > max(clear * scale, reach * d)
     return np.stack([xs[ok], ys[ok]], 1).astype(np.float32)
 
+# %% ../nbs/08_annotate.ipynb #5302ceb8
+FOCUS = dict(radius=16, reach=3.0)     # model px, tuned on the seeds from ANNOTATION_SEED + 500
+
+def focus_region(previous, click, scale: float = 1.0, radius: float = FOCUS['radius'],
+                 reach: float = FOCUS['reach']) -> np.ndarray:
+    """bool (H,W): where the click (x, y, positive) may change the previous mask (H,W) bool: the disk of radius
+    max(radius * scale, reach * d) around it, d being the click's distance from the mask's edge (from outside for a
+    positive click, from inside for a negative one). Everywhere when there is no previous mask."""
+    prev = np.asarray(previous, bool)
+    if prev.ndim != 2: raise ValueError(f'previous mask must be (H,W), got shape {prev.shape}')
+    if len(click) != 3: raise ValueError(f'click must be (x, y, positive), got {click!r}')
+    if not prev.any(): return np.ones_like(prev)
+    x, y, positive = click
+    d = ndimage.distance_transform_edt(~prev if positive else prev)[_pixel(x, y, prev.shape)]
+    H, W = prev.shape
+    yy, xx = np.ogrid[:H, :W]
+    return np.hypot(xx - x, yy - y) <= max(radius * scale, reach * d)
+
+
 # %% ../nbs/08_annotate.ipynb #a2ad1885
+def _settings(value, defaults: dict, what: str):
+    "None (off), the defaults (True) or the defaults updated by a dict; an unknown key is a ValueError."
+    if isinstance(value, dict):
+        bad = set(value) - set(defaults)
+        if bad: raise ValueError(f'unknown {what} settings {sorted(bad)}; use {sorted(defaults)}')
+        return {**defaults, **value}
+    return dict(defaults) if value else None
+
 class CMPClicks:
-    """CMP as a click segmenter: `set_image(img)` encodes once, `(positive, negative) -> mask` runs
-    `click_mask`, with anchors from its own previous mask (`anchors=True`, `ANCHORS` settings) after the
-    first click. `session(clicks)` gives mask, scores and anchors after ordered clicks [(x, y, positive)]."""
-    def __init__(self, prop, anchors: bool | dict = True, **mask_kw):
+    """CMP as a click segmenter: `set_image(img)` encodes once, `(positive, negative) -> mask` runs `click_mask`
+    with anchors (`anchors=True`, `ANCHORS` settings: static points from its own previous mask, or on the image's
+    frame at the first click), and each click changes the mask only in its `focus_region` (`focus=True`, `FOCUS`
+    settings). `session(clicks)` gives mask, scores and anchors after ordered clicks [(x, y, positive)]."""
+    def __init__(self, prop, anchors: bool | dict = True, focus: bool | dict = True, **mask_kw):
         if not hasattr(prop, 'predict_many'):
             raise TypeError(f'CMPClicks needs a cmp_nb Propagator, got {type(prop).__name__}')
         if mask_kw.get('return_scores'): raise ValueError('CMPClicks returns masks; use session() for the scores')
-        bad = set(anchors) - set(ANCHORS) if isinstance(anchors, dict) else set()
-        if bad: raise ValueError(f'unknown anchor settings {sorted(bad)}; use {sorted(ANCHORS)}')
         self.prop, self.mask_kw = prop, mask_kw
-        self.anchors = {**ANCHORS, **anchors} if isinstance(anchors, dict) else (dict(ANCHORS) if anchors else None)
+        self.anchors, self.focus = _settings(anchors, ANCHORS, 'anchor'), _settings(focus, FOCUS, 'focus')
         r = mask_kw.get('refine')
+        off = [n for n, v in (('anchors', self.anchors), ('focus', self.focus)) if not v]
         self.name = ('CMP' if r is None else f"CMP + {'GrabCut' if r == 'grabcut' else r}") + \
-                    ('' if self.anchors else ' (no anchors)')
+                    (f" (no {' or '.join(off)})" if off else '')
         self._image, self._cache, self._last = None, {}, ()
 
     def set_image(self, image): self.prop.set_image(image); return self
@@ -242,12 +277,14 @@ class CMPClicks:
         anchors = np.zeros((0, 2), np.float32)
         if not pos: out = dict(mask=np.zeros((H, W), bool), scores=np.zeros((H, W), np.float16), anchors=anchors)
         else:
-            if self.anchors and len(key) > 1:
-                prev = self.session(key[:-1])
-                anchors = anchor_points(prev['mask'], prev['scores'], pos, default_magnitude(self.prop, 1.0),
-                                        **self.anchors)
+            prev, scale = self.session(key[:-1]), default_magnitude(self.prop, 1.0)   # empty at the first click
+            if self.anchors: anchors = anchor_points(prev['mask'], prev['scores'], pos, scale, **self.anchors)
             mask, scores = click_mask(self.prop, pos, neg if len(neg) else None, static=anchors,
                                       return_scores=True, **self.mask_kw)
+            if self.focus and prev['mask'].any():          # the rest of the previous mask stays
+                near = focus_region(prev['mask'], key[-1], scale, **self.focus)
+                mask, scores = np.where(near, mask, prev['mask']), np.where(near, scores, prev['scores'])
+                if self.mask_kw.get('connected', True): mask = keep_clicked(mask, pos)
             out = dict(mask=mask, scores=scores.astype(np.float16), anchors=anchors)
         self._cache[key] = out
         return out
@@ -582,16 +619,16 @@ def overlay_mask(image, mask, color=(0, 220, 0), alpha: float = 0.5) -> np.ndarr
 # %% ../nbs/08_annotate.ipynb #9e24aa7b
 class AnnotationCanvas(FlowCanvas):
     """Click positive / negative points on an image; the object mask is shown over it and can be saved.
-    `anchors`: `CMPClicks`' static points from the previous mask, drawn as small white dots unless
-    `show_anchors=False` (they are used either way)."""
+    `anchors`: `CMPClicks`' static points from the previous mask (or the frame), drawn as small white dots unless
+    `show_anchors=False` (they are used either way); `focus`: each click changes the mask only near itself."""
     def __init__(self, propagator, image, n_directions: int = 8, magnitude: float | None = None,
                  threshold: float = 0.5, connected: bool = True, refine: str | None = None,
-                 anchors: bool | dict = True, show_anchors: bool = True, **kwargs):
+                 anchors: bool | dict = True, focus: bool | dict = True, show_anchors: bool = True, **kwargs):
         if not hasattr(propagator, 'predict_many'):
             raise TypeError(f'propagator must be a cmp_nb Propagator, got {type(propagator).__name__}')
         _refiner(refine)                                     # an unknown name fails here, not at the first click
-        self.clicker = CMPClicks(propagator, anchors=anchors, n_directions=n_directions, magnitude=magnitude,
-                                 threshold=threshold, connected=connected, refine=refine)
+        self.clicker = CMPClicks(propagator, anchors=anchors, focus=focus, n_directions=n_directions,
+                                 magnitude=magnitude, threshold=threshold, connected=connected, refine=refine)
         self.mask, self.anchors, self.show_anchors = None, np.zeros((0, 2), np.float32), show_anchors
         super().__init__(propagator, image, mode='annotate', **kwargs)
 
