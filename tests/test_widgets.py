@@ -389,7 +389,7 @@ def test_quickstart_checkpoint(image):
 
 
 def test_annotation_canvas_messages(prop, image, tmp_path):
-    from cmp_nb.annotate import AnnotationCanvas, click_mask, load_mask
+    from cmp_nb.annotate import AnnotationCanvas, CMPClicks, load_mask
     rec = Recorder(prop.model)
     c = AnnotationCanvas(prop, image, threaded=False, n_directions=4)
     assert c.mode == 'annotate' and not c.mask.any() and rec.sparse == []   # no clicks: no prediction
@@ -398,8 +398,10 @@ def test_annotation_canvas_messages(prop, image, tmp_path):
     assert c.status.startswith('#3: 1 positive, 1 negative'), c.status
     s = rec.sparse[-1]
     assert s.shape[0] == 4                                   # one batch, one guidance set per direction
-    assert (s[:, 2].flatten(1).sum(1) == 2).all()            # each set: the positive and the negative click
-    np.testing.assert_array_equal(c.mask, click_mask(prop, [[150, 85]], [[20, 20]], n_directions=4))
+    assert len(c.anchors) > 0, 'no anchors after two clicks'
+    # each set: the positive click, the negative click and the tool's anchors (static points from its first mask)
+    assert (s[:, 2].flatten(1).sum(1) == 2 + len(c.anchors)).all(), (s[:, 2].flatten(1).sum(1), len(c.anchors))
+    np.testing.assert_array_equal(c.mask, CMPClicks(prop, n_directions=4)([[150, 85]], [[20, 20]]))
     np.testing.assert_array_equal(load_mask(c.save_mask(tmp_path / 'm.png')), c.mask)
     browser_update(c, edits=[['arrow', 1, 1, 5, 5]], seq=c.seq + 1)
     assert 'pos/neg clicks only' in c.status
