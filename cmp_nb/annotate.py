@@ -277,7 +277,8 @@ class CMPClicks:
         anchors = np.zeros((0, 2), np.float32)
         if not pos: out = dict(mask=np.zeros((H, W), bool), scores=np.zeros((H, W), np.float16), anchors=anchors)
         else:
-            prev, scale = self.session(key[:-1]), default_magnitude(self.prop, 1.0)   # empty at the first click
+            scale = default_magnitude(self.prop, 1.0)
+            if self.anchors or self.focus: prev = self.session(key[:-1])   # empty at the first click
             if self.anchors: anchors = anchor_points(prev['mask'], prev['scores'], pos, scale, **self.anchors)
             mask, scores = click_mask(self.prop, pos, neg if len(neg) else None, static=anchors,
                                       return_scores=True, **self.mask_kw)
