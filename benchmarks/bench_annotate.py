@@ -12,9 +12,8 @@ Methods on the same clicks: CMP (`load_propagator()`, the default model, at its 
 click; and focus: each click changes the mask only near itself), CMP (no focus) (anchors only), CMP (no anchors or
 focus) (the paper's tool: only the user's clicks are guidance; leave both out with --no-ablation), CMP + GrabCut
 (GrabCut started from CMP's mask: `click_mask(refine='grabcut')`, not in the paper), scikit-image random_walker,
-OpenCV GrabCut. s/click is
-the time per click of each method on this CPU (CMP: all directions in one batch against cached image features; the
-image encoding is not counted).
+OpenCV GrabCut. s/click is the time per click of each method on this CPU (CMP: all directions in one batch against
+cached image features; the image encoding is not counted).
 
 Run: .venv/bin/python benchmarks/bench_annotate.py [--scenes 6] [--clicks 20] [--rule standard] [--json out.json]
      [--plot curve.png] [--weights NAME_OR_PATH] [--no-baselines] [--no-refine] [--no-ablation]

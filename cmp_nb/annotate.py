@@ -381,7 +381,7 @@ MAX_CLICKS = 20
 def simulate_clicks(segmenter, image, gt, n_clicks: int = MAX_CLICKS, rule: str = 'standard', **mask_kw) -> dict:
     """Annotate one object with simulated clicks, from an empty mask: {'iou': [after click 1..n], 'clicks':
     [(x, y, positive)], 'masks', 'seconds': [per click]}. `segmenter`: a Propagator (run as
-    `CMPClicks(segmenter, **mask_kw)`: `anchors` and `click_mask`'s options) or anything with
+    `CMPClicks(segmenter, **mask_kw)`: `anchors`, `focus` and `click_mask`'s options) or anything with
     `set_image(image)` and `(positive, negative) -> mask` (`CMPClicks`, `baselines()`)."""
     if rule not in CLICK_RULES: raise ValueError(f'unknown click rule {rule!r}; use one of {list(CLICK_RULES)}')
     if hasattr(segmenter, 'predict_many'): segmenter = CMPClicks(segmenter, **mask_kw)
@@ -643,7 +643,8 @@ class AnnotationCanvas(FlowCanvas):
         picture = np.array(resize_image(picture, self.disp_size))   # writable: anchors are drawn on it
         for x, y in (s['anchors'] if self.show_anchors else ()):
             c = (int(round(x / sx)), int(round(y / sy)))
-            cv2.circle(picture, c, 3, (0, 0, 0), -1, cv2.LINE_AA); cv2.circle(picture, c, 2, (255, 255, 255), -1, cv2.LINE_AA)
+            cv2.circle(picture, c, 3, (0, 0, 0), -1, cv2.LINE_AA)            # a white dot, black rim
+            cv2.circle(picture, c, 2, (255, 255, 255), -1, cv2.LINE_AA)
         info = (f"{_plural(len(g['pos']), 'positive')}, {len(g['neg'])} negative, "
                 f"{_plural(len(s['anchors']), 'anchor')}, mask {100 * s['mask'].mean():.1f}% of the image")
         return picture, info, dict(mask=s['mask'], anchors=s['anchors'])   # set when the result is published

@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest, torch
 
-from cmp_nb.annotate import (CMPClicks, click_mask, default_magnitude, focus_region, iou, photo_tasks,
-                             simulate_clicks, standard_click, synthetic_tasks)
+from cmp_nb.annotate import (ANNOTATION_SEED, CMPClicks, annotation_sets, click_mask, default_magnitude,
+                             focus_region, iou, photo_tasks, simulate_clicks, standard_click, synthetic_tasks)
 from cmp_nb.baselines import deepest_point
 from cmp_nb.propagator import load_propagator
 
@@ -66,8 +66,7 @@ def test_frame_anchors_keep_the_first_click_on_the_object(prop):
     positives must fall to under half in total, and the mean IoU must not fall (measured on these 30 objects:
     40987 -> 9549 false-positive pixels, while the missed pixels rise 2668 -> 6759; mean IoU 0.746 -> 0.769)."""
     fp, ious = {False: 0, True: 0}, {False: [], True: []}
-    tasks = (synthetic_tasks(6, (192, 192), per_scene=2) + synthetic_tasks(6, (192, 192), per_scene=2, parts=True)
-             + photo_tasks(6, (192, 192)))
+    tasks = sum(annotation_sets(6, seed=ANNOTATION_SEED).values(), [])   # objects, parts, photos
     for img, gt, name in tasks:
         prop.set_image(img)
         c1 = standard_click(gt, np.zeros_like(gt))
@@ -85,8 +84,7 @@ def test_focus_keeps_later_clicks_from_undoing_the_mask(prop):
     part cut off from every positive click can go). Over 6 clicks on these 17 held-out objects, clicks that cost more
     than 0.15 IoU must not become more, and the mean IoU after clicks 2-6 must not fall (measured: 6 -> 4 such
     clicks; mean 0.795 -> 0.812)."""
-    tasks = (synthetic_tasks(3, (192, 192), per_scene=2) + synthetic_tasks(3, (192, 192), per_scene=2, parts=True)
-             + photo_tasks(3, (192, 192)))
+    tasks = sum(annotation_sets(3, seed=ANNOTATION_SEED).values(), [])
     curves = {}
     for focus in (False, True):
         curves[focus] = []
