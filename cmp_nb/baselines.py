@@ -15,10 +15,11 @@ from .guidance import grid_points, points_to_sparse, sample_guidance
 from .propagator import as_points
 
 # %% auto #0
-__all__ = ['BASELINES', 'MEASURE_SEED', 'zero_flow', 'nearest_flow', 'epic_flow', 'smoothed_nearest_flow', 'deepest_point',
-           'measure_scenes', 'moved_region', 'drag_iou', 'truth_drag_iou', 'guided_epe', 'part_mean_epe',
+__all__ = ['BASELINES', 'MEASURE_SEED', 'EPE_REGIONS', 'zero_flow', 'nearest_flow', 'epic_flow', 'smoothed_nearest_flow',
+           'deepest_point', 'measure_scenes', 'moved_region', 'drag_iou', 'truth_drag_iou', 'epe_split',
+           'guided_epe_split', 'guided_epe', 'reference_flows', 'reference_epe_split', 'part_mean_epe',
            'magnitude_error', 'static_cut', 'drag_figures', 'baseline_method', 'propagator_method', 'sintel_pair',
-           'sintel_epe', 'measure_all', 'figures_table']
+           'sintel_epe', 'measure_all', 'figures_table', 'split_table']
 
 # %% ../nbs/03c_baselines.ipynb #f027d3be
 def _check_image(image) -> np.ndarray:
@@ -139,29 +140,66 @@ def truth_drag_iou(scenes) -> float:
     return float(np.mean(ious))
 
 # %% ../nbs/03c_baselines.ipynb #76a4e0fc
+def _guidance(s) -> np.ndarray:
+    "(b)'s guidance on one scene (N,4): each target's arrow, and the background grid with its true flow."
+    g = s['static'][:, :2].astype(int)
+    return np.concatenate([[t['point'] for t in s['targets']] or np.zeros((0, 4), np.float32),
+                           np.concatenate([g, s['flow'][g[:, 1], g[:, 0]]], 1)]).astype(np.float32)
+
+EPE_REGIONS = ('targets', 'other parts', 'background')
+
+def epe_split(flow, s) -> dict:
+    """(b) of one flow (H,W,2) on one scene, split by where the error is: on the `targets` (the guided parts), on
+    the `other parts` (those no arrow is on: too small or too slow to be targets) and on the `background`. Each
+    is the error summed over its pixels divided by all the pixels, so the three add up to `all`, the mean EPE."""
+    f = np.asarray(flow, np.float32)
+    if f.shape != s['flow'].shape: raise ValueError(f'epe_split: flow {f.shape} does not match the scene {s["flow"].shape}')
+    e = np.linalg.norm(f - s['flow'], axis=-1)
+    tg = np.zeros(e.shape, bool)
+    for t in s['targets']: tg |= t['mask']
+    bg = (s['parts'] == 0) & ~tg
+    return {'targets': float(e[tg].sum() / e.size), 'other parts': float(e[~tg & ~bg].sum() / e.size),
+            'background': float(e[bg].sum() / e.size), 'all': float(e.mean())}
+
+def _mean_split(splits) -> dict:
+    if not splits: raise ValueError('no scenes')
+    return {k: float(np.mean([d[k] for d in splits])) for k in splits[0]}
+
+def guided_epe_split(method, scenes) -> dict:
+    "(b) split by region (`epe_split`), averaged over the scenes."
+    return _mean_split([epe_split(method(s['image'])(_guidance(s)), s) for s in scenes])
+
 def guided_epe(method, scenes) -> float:
     "(b) Mean end-point error with every target and the background grid guided by their true flow."
-    errs = []
-    for s in scenes:
-        g = s['static'][:, :2].astype(int)
-        pts = np.concatenate([[t['point'] for t in s['targets']] or np.zeros((0, 4), np.float32),
-                              np.concatenate([g, s['flow'][g[:, 1], g[:, 0]]], 1)]).astype(np.float32)
-        errs.append(np.linalg.norm(method(s['image'])(pts) - s['flow'], axis=-1).mean())
-    return float(np.mean(errs))
+    return guided_epe_split(method, scenes)['all']
+
 
 # %% ../nbs/03c_baselines.ipynb #4db67c97
+def reference_flows(s) -> dict:
+    """Two references for (b) on one scene that know more than its guidance: 'part mean' moves every part (the
+    background too) by its own true mean flow; 'arrow per target' moves each target rigidly by its arrow and
+    the rest as 'part mean'."""
+    f, parts = s['flow'], s['parts']
+    ids, inv = np.unique(parts, return_inverse=True)
+    inv = inv.reshape(parts.shape)
+    means = np.stack([np.bincount(inv.ravel(), f[..., c].ravel().astype(np.float64), len(ids)) for c in (0, 1)], 1)
+    means /= np.bincount(inv.ravel(), minlength=len(ids))[:, None]
+    part_mean = means[inv].astype(np.float32)
+    arrows = part_mean.copy()
+    for t in s['targets']: arrows[t['mask']] = t['point'][2:]
+    return {'part mean': part_mean, 'arrow per target': arrows}
+
+def reference_epe_split(scenes) -> dict:
+    "{reference: (b) split by region} for `reference_flows`, averaged over the scenes."
+    refs = [reference_flows(s) for s in scenes]
+    return {k: _mean_split([epe_split(r[k], s) for r, s in zip(refs, scenes)]) for k in (refs[0] if refs else ())}
+
 def part_mean_epe(scenes) -> float:
-    """(b) for every part (and the background) moved by its own true mean flow: the error of the best
-    translation per part, left by the rotation, zoom and shear inside the parts."""
-    errs = []
-    for s in scenes:
-        f, parts = s['flow'], s['parts']
-        ids, inv = np.unique(parts, return_inverse=True)
-        inv = inv.reshape(parts.shape)
-        means = np.stack([np.bincount(inv.ravel(), f[..., c].ravel().astype(np.float64), len(ids)) for c in (0, 1)], 1)
-        means /= np.bincount(inv.ravel(), minlength=len(ids))[:, None]
-        errs.append(np.linalg.norm(means[inv] - f, axis=-1).mean())
-    return float(np.mean(errs))
+    """(b) for every part (and the background) moved by its own true mean flow: the error of one translation per
+    part, left by the rotation, zoom and shear inside the parts."""
+    if not scenes: raise ValueError('part_mean_epe: no scenes')
+    return reference_epe_split(scenes)['part mean']['all']
+
 
 # %% ../nbs/03c_baselines.ipynb #79ea0311
 def _scene_magnitude_errors(predict, s, lengths) -> dict:
@@ -276,7 +314,7 @@ def sintel_epe(method, pair, nms_ks: int = 81, grid_stride: int = 200, seeds=ran
 def measure_all(methods: dict, n_scenes: int = 48, sintel_root=None, size: int = 192,
                 progress: bool = False) -> dict:
     """{method: {figure: value}} for figures (a) drag IoU, (b) guided EPE, (c) Sintel EPEs, (d) magnitude errors,
-    (e) static cut."""
+    (e) static cut; and `guided_epe_split` (b) by region (`epe_split`), a dict that `figures_table` leaves out."""
     drag = measure_scenes(n_scenes, size)
     moving = measure_scenes(n_scenes, size, seed=MEASURE_SEED + 50_000, still=False)
     pairs = {p: sintel_pair(sintel_root, p) for p in ('clean', 'final')} if sintel_root is not None else {}
@@ -287,17 +325,27 @@ def measure_all(methods: dict, n_scenes: int = 48, sintel_root=None, size: int =
         items = tqdm(items, total=len(methods), desc='methods')
     for name, m in items:
         d = drag_figures(m, drag)
-        r = {'drag_iou': d.pop('drag_iou'), 'guided_epe': guided_epe(m, moving)}
+        split = guided_epe_split(m, moving)
+        r = {'drag_iou': d.pop('drag_iou'), 'guided_epe': split.pop('all')}
         for p, pair in pairs.items():
             for K, G in ((81, 200), (31, 80)): r[f'sintel_{p}_K{K}_G{G}'] = sintel_epe(m, pair, K, G)[0]
         r.update(d)                             # mag_err_<L>px ..., static_cut: the tables' column order
+        r['guided_epe_split'] = split           # (b) by region: targets, other parts, background
         rows[name] = r
     return rows
 
 # %% ../nbs/03c_baselines.ipynb #64782dc9
 def figures_table(rows: dict) -> str:
-    "A markdown table of `measure_all` rows (methods as rows, figures as columns)."
-    cols = list(next(iter(rows.values())))
+    "A markdown table of `measure_all` rows (methods as rows, scalar figures as columns)."
+    scalar = lambda r: {k: v for k, v in r.items() if not isinstance(v, dict)}
+    cols = list(scalar(next(iter(rows.values()))))
     head = '| method | ' + ' | '.join(cols) + ' |\n|---|' + '---|' * len(cols) + '\n'
-    return head + ''.join(f'| {k} | ' + ' | '.join(f'{v:.3f}' for v in r.values()) + ' |\n'
+    return head + ''.join(f'| {k} | ' + ' | '.join(f'{v:.3f}' for v in scalar(r).values()) + ' |\n'
                           for k, r in rows.items())
+
+def split_table(splits: dict) -> str:
+    "A markdown table of (b) by region: {method or reference: `epe_split`-style dict}."
+    cols = [*EPE_REGIONS, 'all']
+    return ('| method | ' + ' | '.join(f'(b) {c}' for c in cols) + ' |\n|---|' + '---|' * len(cols) + '\n'
+            + ''.join(f'| {k} | ' + ' | '.join(f'{v[c]:.3f}' for c in cols) + ' |\n' for k, v in splits.items()))
+
