@@ -9,8 +9,9 @@ Test sets (`cmp_nb.annotate.annotation_sets`, held-out seeds from ANNOTATION_SEE
 objects and articulated parts of synthetic scenes, and objects pasted onto real photographs; exact masks.
 Methods on the same clicks: CMP (`load_propagator()`, the default model, at its training scale; or --weights;
 `CMPClicks`, with anchors: static points it adds from its own previous mask, or on the image's frame at the first
-click; and focus: each click changes the mask only near itself), CMP (no focus) (anchors only), CMP (no anchors or
-focus) (the paper's tool: only the user's clicks are guidance; leave both out with --no-ablation), CMP + GrabCut
+click; focus: each click changes the mask only near itself; and zoom: a later click is answered from a magnified
+window around it), CMP (no zoom), CMP (no focus) (anchors only), CMP (no anchors or focus) (the paper's tool: only
+the user's clicks are guidance; leave the three out with --no-ablation), CMP + GrabCut
 (GrabCut started from CMP's mask: `click_mask(refine='grabcut')`, not in the paper), scikit-image random_walker,
 OpenCV GrabCut. s/click is the time per click of each method on this CPU (CMP: all directions in one batch against
 cached image features; the image encoding is not counted).
@@ -42,7 +43,7 @@ def main(argv=None):
     p.add_argument('--no-baselines', action='store_true')
     p.add_argument('--no-refine', action='store_true', help="leave out CMP + GrabCut (click_mask's refine='grabcut')")
     p.add_argument('--no-ablation', action='store_true',
-                   help='leave out CMP without focus, and without anchors or focus')
+                   help='leave out CMP without zoom, without focus, and without anchors or focus')
     p.add_argument('--sets', default='objects,parts,photos')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--json', default=None)
@@ -52,7 +53,8 @@ def main(argv=None):
     prop = load_propagator(a.weights, device='cpu')
     rec = prop.model.record
     label = f"{getattr(rec.weights, 'name', None) or rec.source} (preset {rec.preset}, run at {prop.max_side} px)"
-    ablation = {} if a.no_ablation else {'CMP (no focus)': CMPClicks(prop, focus=False),
+    ablation = {} if a.no_ablation else {'CMP (no zoom)': CMPClicks(prop, zoom=False),
+                                         'CMP (no focus)': CMPClicks(prop, focus=False),
                                          'CMP (no anchors or focus)': CMPClicks(prop, anchors=False, focus=False)}
     segs = {'CMP': prop, **ablation,
             **({} if a.no_refine else {'CMP + GrabCut': CMPClicks(prop, refine='grabcut')}),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_annotate.ipynb #a9079fae
 from __future__ import annotations
-import time
+import copy, time
 from pathlib import Path
 import cv2
 import numpy as np
@@ -17,12 +17,13 @@ from .baselines import deepest_point
 from .widgets import FlowCanvas, split_edits, resize_image, _plural
 
 # %% auto #0
-__all__ = ['DUMMY_PX', 'REFINERS', 'CLICK_RULES', 'ANCHORS', 'FOCUS', 'MAX_CLICKS', 'ANNOTATION_SEED', 'PHOTO_SEED', 'directions',
-           'click_guidance', 'fuse_flows', 'keep_clicked', 'negative_cut', 'default_magnitude', 'click_mask', 'iou',
-           'standard_click', 'largest_region_click', 'anchor_points', 'focus_region', 'CMPClicks', 'random_walker_mask',
-           'grabcut_mask', 'ImageClicks', 'baselines', 'grabcut_refine', 'simulate_clicks', 'click_metrics',
-           'synthetic_tasks', 'photo_tasks', 'annotation_sets', 'annotation_benchmark', 'results_table', 'save_mask',
-           'load_mask', 'mask_to_rle', 'rle_to_mask', 'coco_export', 'coco_load', 'overlay_mask', 'AnnotationCanvas']
+__all__ = ['DUMMY_PX', 'REFINERS', 'CLICK_RULES', 'ANCHORS', 'FOCUS', 'ZOOM', 'MAX_CLICKS', 'ANNOTATION_SEED', 'PHOTO_SEED',
+           'directions', 'click_guidance', 'fuse_flows', 'keep_clicked', 'negative_cut', 'default_magnitude',
+           'click_mask', 'iou', 'standard_click', 'largest_region_click', 'anchor_points', 'focus_radius',
+           'focus_region', 'zoom_window', 'CMPClicks', 'random_walker_mask', 'grabcut_mask', 'ImageClicks', 'baselines',
+           'grabcut_refine', 'simulate_clicks', 'click_metrics', 'synthetic_tasks', 'photo_tasks', 'annotation_sets',
+           'annotation_benchmark', 'results_table', 'save_mask', 'load_mask', 'mask_to_rle', 'rle_to_mask',
+           'coco_export', 'coco_load', 'overlay_mask', 'AnnotationCanvas']
 
 # %% ../nbs/08_annotate.ipynb #cccb9fbe
 def directions(n: int = 8) -> np.ndarray:
@@ -214,20 +215,43 @@ def anchor_points(previous, scores, positive, scale: float = 1.0, stride: float 
 # %% ../nbs/08_annotate.ipynb #5302ceb8
 FOCUS = dict(radius=16, reach=3.0)     # model px, tuned on the seeds from ANNOTATION_SEED + 500
 
-def focus_region(previous, click, scale: float = 1.0, radius: float = FOCUS['radius'],
-                 reach: float = FOCUS['reach']) -> np.ndarray:
-    """bool (H,W): where the click (x, y, positive) may change the previous mask (H,W) bool: the disk of radius
-    max(radius * scale, reach * d) around it, d being the click's distance from the mask's edge (from outside for a
-    positive click, from inside for a negative one). Everywhere when there is no previous mask."""
+def focus_radius(previous, click, scale: float = 1.0, radius: float = FOCUS['radius'],
+                 reach: float = FOCUS['reach']) -> float:
+    """Image px: how far from itself the click (x, y, positive) may change the previous mask (H,W) bool:
+    max(radius * scale, reach * d), d being the click's distance from the mask's edge (from outside for a positive
+    click, from inside for a negative one). Infinite when there is no previous mask."""
     prev = np.asarray(previous, bool)
     if prev.ndim != 2: raise ValueError(f'previous mask must be (H,W), got shape {prev.shape}')
     if len(click) != 3: raise ValueError(f'click must be (x, y, positive), got {click!r}')
-    if not prev.any(): return np.ones_like(prev)
+    if not prev.any(): return float('inf')
     x, y, positive = click
     d = ndimage.distance_transform_edt(~prev if positive else prev)[_pixel(x, y, prev.shape)]
-    H, W = prev.shape
+    return float(max(radius * scale, reach * d))
+
+def focus_region(previous, click, scale: float = 1.0, radius: float = FOCUS['radius'],
+                 reach: float = FOCUS['reach']) -> np.ndarray:
+    """bool (H,W): where the click (x, y, positive) may change the previous mask (H,W) bool: the disk of
+    `focus_radius` around it. Everywhere when there is no previous mask."""
+    r = focus_radius(previous, click, scale, radius, reach)
+    H, W = np.shape(previous)
     yy, xx = np.ogrid[:H, :W]
-    return np.hypot(xx - x, yy - y) <= max(radius * scale, reach * d)
+    return np.hypot(xx - click[0], yy - click[1]) <= r
+
+
+# %% ../nbs/08_annotate.ipynb #aca98dc6
+ZOOM = dict(size=0.5, cover=1.5)     # tuned on the seeds from ANNOTATION_SEED + 500
+
+def zoom_window(shape, click, r: float, size: float = ZOOM['size'], cover: float = ZOOM['cover']):
+    """(x0, y0, side) of the square window around a later click (x, y, ...) that `CMPClicks` looks at again:
+    side = max(size * the image's long side, 2 * cover * r), r being the click's `focus_radius`; centred on the
+    click and shifted into the image (H, W, ...). None when it does not fit in the image."""
+    if not 0 < size <= 1 or not cover >= 1: raise ValueError(f'zoom size must be in (0, 1] and cover >= 1, got {size}, {cover}')
+    H, W = shape[:2]
+    if not np.isfinite(r): return None
+    side = int(np.ceil(max(size * max(H, W), 2 * cover * r)))
+    if side >= min(H, W): return None
+    x, y = click[0], click[1]
+    return (int(min(max(round(x - side / 2), 0), W - side)), int(min(max(round(y - side / 2), 0), H - side)), side)
 
 
 # %% ../nbs/08_annotate.ipynb #a2ad1885
@@ -243,18 +267,23 @@ class CMPClicks:
     """CMP as a click segmenter: `set_image(img)` encodes once, `(positive, negative) -> mask` runs `click_mask`
     with anchors (`anchors=True`, `ANCHORS` settings: static points from its own previous mask, or on the image's
     frame at the first click), and each click changes the mask only in its `focus_region` (`focus=True`, `FOCUS`
-    settings). `session(clicks)` gives mask, scores and anchors after ordered clicks [(x, y, positive)]."""
-    def __init__(self, prop, anchors: bool | dict = True, focus: bool | dict = True, **mask_kw):
+    settings), answered from a closer look at the `zoom_window` around it (`zoom=True`, `ZOOM` settings; needs
+    focus). `session(clicks)` gives mask, scores and anchors after ordered clicks [(x, y, positive)]."""
+    def __init__(self, prop, anchors: bool | dict = True, focus: bool | dict = True, zoom: bool | dict = True,
+                 **mask_kw):
         if not hasattr(prop, 'predict_many'):
             raise TypeError(f'CMPClicks needs a cmp_nb Propagator, got {type(prop).__name__}')
         if mask_kw.get('return_scores'): raise ValueError('CMPClicks returns masks; use session() for the scores')
         self.prop, self.mask_kw = prop, mask_kw
         self.anchors, self.focus = _settings(anchors, ANCHORS, 'anchor'), _settings(focus, FOCUS, 'focus')
+        self.zoom = _settings(zoom, ZOOM, 'zoom') if self.focus else None
+        if self.zoom: zoom_window((2, 2), (0, 0), 0, **self.zoom)   # bad zoom values fail here, not at a click
         r = mask_kw.get('refine')
         off = [n for n, v in (('anchors', self.anchors), ('focus', self.focus)) if not v]
+        if self.focus and not self.zoom: off.append('zoom')
         self.name = ('CMP' if r is None else f"CMP + {'GrabCut' if r == 'grabcut' else r}") + \
                     (f" (no {' or '.join(off)})" if off else '')
-        self._image, self._cache, self._last = None, {}, ()
+        self._image, self._cache, self._last, self._view = None, {}, (), None
 
     def set_image(self, image): self.prop.set_image(image); return self
 
@@ -279,16 +308,44 @@ class CMPClicks:
         else:
             scale = default_magnitude(self.prop, 1.0)
             if self.anchors or self.focus: prev = self.session(key[:-1])   # empty at the first click
-            if self.anchors: anchors = anchor_points(prev['mask'], prev['scores'], pos, scale, **self.anchors)
-            mask, scores = click_mask(self.prop, pos, neg if len(neg) else None, static=anchors,
-                                      return_scores=True, **self.mask_kw)
-            if self.focus and prev['mask'].any():          # the rest of the previous mask stays
-                near = focus_region(prev['mask'], key[-1], scale, **self.focus)
+            r = focus_radius(prev['mask'], key[-1], scale, **self.focus) if self.focus else float('inf')
+            win = zoom_window(prev['mask'].shape, key[-1], r, **self.zoom) if self.zoom else None
+            closer = self._closer(win, prev, pos, neg) if win else None
+            if closer: mask, scores, anchors = closer
+            else:
+                if self.anchors: anchors = anchor_points(prev['mask'], prev['scores'], pos, scale, **self.anchors)
+                mask, scores = click_mask(self.prop, pos, neg if len(neg) else None, static=anchors,
+                                          return_scores=True, **self.mask_kw)
+            if np.isfinite(r):                              # focus: the rest of the previous mask stays
+                yy, xx = np.ogrid[:H, :W]
+                near = np.hypot(xx - key[-1][0], yy - key[-1][1]) <= r      # focus_region's disk
                 mask, scores = np.where(near, mask, prev['mask']), np.where(near, scores, prev['scores'])
                 if self.mask_kw.get('connected', True): mask = keep_clicked(mask, pos)
             out = dict(mask=mask, scores=scores.astype(np.float16), anchors=anchors)
         self._cache[key] = out
         return out
+
+    def _closer(self, win, prev, pos, neg):
+        """`click_mask` on the window (x0, y0, side), magnified to the model's input by a second view of the
+        Propagator (the same model, its own image): (mask, scores, anchors) in image pixels, valid inside the window;
+        None if no positive click is in it."""
+        x0, y0, side = win
+        def inside(c):
+            c = np.asarray(c, np.float32).reshape(-1, 2)
+            return c[(c[:, 0] >= x0) & (c[:, 0] < x0 + side) & (c[:, 1] >= y0) & (c[:, 1] < y0 + side)] - (x0, y0)
+        p, n = inside(pos), inside(neg)
+        if not len(p): return None
+        if self._view is None: self._view = copy.copy(self.prop)
+        sl = np.s_[y0:y0 + side, x0:x0 + side]
+        self._view.set_image(np.ascontiguousarray(self.prop.image[sl]))
+        pm, ps = prev['mask'][sl], prev['scores'][sl].astype(np.float32)
+        anchors = (anchor_points(pm, ps, p, default_magnitude(self._view, 1.0), **self.anchors)
+                   if self.anchors and pm.any() else np.zeros((0, 2), np.float32))
+        m, s = click_mask(self._view, p, n if len(n) else None, static=anchors, return_scores=True,
+                          **{**self.mask_kw, 'connected': False})
+        mask, scores = np.zeros_like(prev['mask']), prev['scores'].astype(np.float32)
+        mask[sl], scores[sl] = m, s
+        return mask, scores, (anchors + (x0, y0)).astype(np.float32)
 
     def __call__(self, positive, negative=None):
         "Mask after these clicks: the previous call's clicks keep their order, new ones come after them."
@@ -621,14 +678,16 @@ def overlay_mask(image, mask, color=(0, 220, 0), alpha: float = 0.5) -> np.ndarr
 class AnnotationCanvas(FlowCanvas):
     """Click positive / negative points on an image; the object mask is shown over it and can be saved.
     `anchors`: `CMPClicks`' static points from the previous mask (or the frame), drawn as small white dots unless
-    `show_anchors=False` (they are used either way); `focus`: each click changes the mask only near itself."""
+    `show_anchors=False` (they are used either way); `focus`: each click changes the mask only near itself; `zoom`:
+    a later click is answered from a magnified window around it."""
     def __init__(self, propagator, image, n_directions: int = 8, magnitude: float | None = None,
                  threshold: float = 0.5, connected: bool = True, refine: str | None = None,
-                 anchors: bool | dict = True, focus: bool | dict = True, show_anchors: bool = True, **kwargs):
+                 anchors: bool | dict = True, focus: bool | dict = True, zoom: bool | dict = True,
+                 show_anchors: bool = True, **kwargs):
         if not hasattr(propagator, 'predict_many'):
             raise TypeError(f'propagator must be a cmp_nb Propagator, got {type(propagator).__name__}')
         _refiner(refine)                                     # an unknown name fails here, not at the first click
-        self.clicker = CMPClicks(propagator, anchors=anchors, focus=focus, n_directions=n_directions,
+        self.clicker = CMPClicks(propagator, anchors=anchors, focus=focus, zoom=zoom, n_directions=n_directions,
                                  magnitude=magnitude, threshold=threshold, connected=connected, refine=refine)
         self.mask, self.anchors, self.show_anchors = None, np.zeros((0, 2), np.float32), show_anchors
         super().__init__(propagator, image, mode='annotate', **kwargs)

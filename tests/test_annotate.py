@@ -42,7 +42,8 @@ def test_anchors_stop_a_second_click_from_leaking(prop):
     without anchors the model moves the background beside it too. With `CMPClicks`' anchors (static points from the
     previous mask; focus off, to see the anchors alone) the new false positives must fall to under half in total,
     and the mean IoU after the click must not fall (measured on these 19 clicks: 36141 -> 9040 leaked pixels, mean
-    IoU 0.588 -> 0.796, worst 0.09 -> 0.19; with focus as well, 8276 and 0.812)."""
+    IoU 0.588 -> 0.796, worst 0.09 -> 0.19; with focus as well, 8276 and 0.812; with focus and zoom, 6895 and
+    0.842)."""
     leaked, ious, seen = {False: 0, True: 0}, {False: [], True: []}, 0
     for img, gt, name in synthetic_tasks(6, (192, 192), per_scene=2) + photo_tasks(6, (192, 192)):
         prop.set_image(img)
@@ -79,31 +80,49 @@ def test_frame_anchors_keep_the_first_click_on_the_object(prop):
     assert np.mean(ious[True]) >= np.mean(ious[False]), (np.mean(ious[False]), np.mean(ious[True]))
 
 
+def _check_focus(run, prop, name):
+    "No click of a simulated session adds a pixel outside its focus disk (around it, from the previous mask)."
+    scale = default_magnitude(prop, 1.0)
+    for k in range(1, len(run['clicks'])):
+        prev, new = run['masks'][k - 1], run['masks'][k]
+        if prev.any():
+            away = ~focus_region(prev, run['clicks'][k], scale)
+            assert not (new & ~prev & away).any(), f'{name}: click {k + 1} added pixels outside its focus'
+
+
 def test_focus_keeps_later_clicks_from_undoing_the_mask(prop):
     """With focus, a click changes the mask only in its `focus_region`; elsewhere the previous mask stays (only a
-    part cut off from every positive click can go). Over 6 clicks on these 17 held-out objects, clicks that cost more
-    than 0.15 IoU must not become more, and the mean IoU after clicks 2-6 must not fall (measured: 6 -> 4 such
-    clicks; mean 0.795 -> 0.812)."""
+    part cut off from every positive click can go). Over 6 clicks on these 17 held-out objects (zoom off, to see
+    focus alone), clicks that cost more than 0.15 IoU must not become more, and the mean IoU after clicks 2-6 must
+    not fall (measured: 6 -> 4 such clicks; mean 0.795 -> 0.812)."""
     tasks = sum(annotation_sets(3, seed=ANNOTATION_SEED).values(), [])
     curves = {}
     for focus in (False, True):
         curves[focus] = []
         for img, gt, name in tasks:
-            seg = CMPClicks(prop, focus=focus)
-            run = simulate_clicks(seg, img, gt, 6)
+            run = simulate_clicks(CMPClicks(prop, focus=focus, zoom=False), img, gt, 6)
             curves[focus].append(run['iou'])
-            if not focus: continue
-            scale = default_magnitude(prop, 1.0)
-            for k in range(1, len(run['clicks'])):
-                prev, new = run['masks'][k - 1], run['masks'][k]
-                if not prev.any(): continue
-                away = ~focus_region(prev, run['clicks'][k], scale)
-                assert not (new & ~prev & away).any(), f'{name}: click {k + 1} added pixels outside its focus'
+            if focus: _check_focus(run, prop, name)
     drops = {f: int((np.diff(np.array(c), axis=1) < -0.15).sum()) for f, c in curves.items()}
     mean = {f: float(np.mean(np.array(c)[:, 1:])) for f, c in curves.items()}
     assert len(tasks) >= 15, len(tasks)
     assert drops[True] <= drops[False], drops
     assert mean[True] >= mean[False], mean
+
+
+def test_zoom_looks_closer_at_later_clicks(prop):
+    """With zoom (and focus), a later click is answered from a magnified window around it (`zoom_window`), and
+    still only inside its focus disk. Over 6 clicks on these 17 held-out objects, the mean IoU after clicks 2-6 must
+    rise (measured: 0.812 -> 0.829; clicks that cost more than 0.15 IoU, 4 -> 2)."""
+    tasks = sum(annotation_sets(3, seed=ANNOTATION_SEED).values(), [])
+    mean = {}
+    for zoom in (False, True):
+        runs = [(simulate_clicks(CMPClicks(prop, zoom=zoom), img, gt, 6), name) for img, gt, name in tasks]
+        mean[zoom] = float(np.mean([r['iou'][1:] for r, _ in runs]))
+        if zoom:
+            for r, name in runs: _check_focus(r, prop, name)
+    assert len(tasks) >= 15, len(tasks)
+    assert mean[True] > mean[False], mean
 
 
 def test_grabcut_refinement_sharpens_one_click_masks(prop):
@@ -131,7 +150,8 @@ def test_bench_annotate_runs(tmp_path):
                           '--clicks', '2', '--per-scene', '1', '--json', str(tmp_path / 'r.json')],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
-    for row in ('| objects | CMP |', '| objects | CMP (no focus) |', '| objects | CMP (no anchors or focus) |',
+    for row in ('| objects | CMP |', '| objects | CMP (no zoom) |', '| objects | CMP (no focus) |',
+                '| objects | CMP (no anchors or focus) |',
                 '| objects | CMP + GrabCut |',
                 '| objects | GrabCut |', 'random walker'):
         assert row in out.stdout, f'{row!r} is not in the benchmark table:\n{out.stdout[-2000:]}'
