@@ -228,14 +228,16 @@ def focus_radius(previous, click, scale: float = 1.0, radius: float = FOCUS['rad
     d = ndimage.distance_transform_edt(~prev if positive else prev)[_pixel(x, y, prev.shape)]
     return float(max(radius * scale, reach * d))
 
+def _disk(shape, xy, r: float) -> np.ndarray:
+    "bool (H,W): the pixels within r of the point (x, y, ...); all of them if r is infinite."
+    yy, xx = np.ogrid[:shape[0], :shape[1]]
+    return np.hypot(xx - xy[0], yy - xy[1]) <= r
+
 def focus_region(previous, click, scale: float = 1.0, radius: float = FOCUS['radius'],
                  reach: float = FOCUS['reach']) -> np.ndarray:
     """bool (H,W): where the click (x, y, positive) may change the previous mask (H,W) bool: the disk of
     `focus_radius` around it. Everywhere when there is no previous mask."""
-    r = focus_radius(previous, click, scale, radius, reach)
-    H, W = np.shape(previous)
-    yy, xx = np.ogrid[:H, :W]
-    return np.hypot(xx - click[0], yy - click[1]) <= r
+    return _disk(np.shape(previous), click, focus_radius(previous, click, scale, radius, reach))
 
 
 # %% ../nbs/08_annotate.ipynb #aca98dc6
@@ -283,7 +285,7 @@ class CMPClicks:
         if self.focus and not self.zoom: off.append('zoom')
         self.name = ('CMP' if r is None else f"CMP + {'GrabCut' if r == 'grabcut' else r}") + \
                     (f" (no {' or '.join(off)})" if off else '')
-        self._image, self._cache, self._last, self._view = None, {}, (), None
+        self._image, self._cache, self._last = None, {}, ()
 
     def set_image(self, image): self.prop.set_image(image); return self
 
@@ -317,8 +319,7 @@ class CMPClicks:
                 mask, scores = click_mask(self.prop, pos, neg if len(neg) else None, static=anchors,
                                           return_scores=True, **self.mask_kw)
             if np.isfinite(r):                              # focus: the rest of the previous mask stays
-                yy, xx = np.ogrid[:H, :W]
-                near = np.hypot(xx - key[-1][0], yy - key[-1][1]) <= r      # focus_region's disk
+                near = _disk((H, W), key[-1], r)                          # focus_region's disk
                 mask, scores = np.where(near, mask, prev['mask']), np.where(near, scores, prev['scores'])
                 if self.mask_kw.get('connected', True): mask = keep_clicked(mask, pos)
             out = dict(mask=mask, scores=scores.astype(np.float16), anchors=anchors)
@@ -327,22 +328,25 @@ class CMPClicks:
 
     def _closer(self, win, prev, pos, neg):
         """`click_mask` on the window (x0, y0, side), magnified to the model's input by a second view of the
-        Propagator (the same model, its own image): (mask, scores, anchors) in image pixels, valid inside the window;
-        None if no positive click is in it."""
+        Propagator (a shallow copy: the same model and settings, its own image): (mask, scores, anchors) in image
+        pixels, valid inside the window; None if no positive click is in it. A `magnitude` given in image px is
+        scaled with the window, so that the dummy motion keeps its length in model px."""
         x0, y0, side = win
         def inside(c):
             c = np.asarray(c, np.float32).reshape(-1, 2)
             return c[(c[:, 0] >= x0) & (c[:, 0] < x0 + side) & (c[:, 1] >= y0) & (c[:, 1] < y0 + side)] - (x0, y0)
         p, n = inside(pos), inside(neg)
         if not len(p): return None
-        if self._view is None: self._view = copy.copy(self.prop)
         sl = np.s_[y0:y0 + side, x0:x0 + side]
-        self._view.set_image(np.ascontiguousarray(self.prop.image[sl]))
+        view = copy.copy(self.prop)
+        view.set_image(np.ascontiguousarray(self.prop.image[sl]))
+        zs = default_magnitude(view, 1.0)                    # window px per model px
         pm, ps = prev['mask'][sl], prev['scores'][sl].astype(np.float32)
-        anchors = (anchor_points(pm, ps, p, default_magnitude(self._view, 1.0), **self.anchors)
-                   if self.anchors and pm.any() else np.zeros((0, 2), np.float32))
-        m, s = click_mask(self._view, p, n if len(n) else None, static=anchors, return_scores=True,
-                          **{**self.mask_kw, 'connected': False})
+        anchors = (anchor_points(pm, ps, p, zs, **self.anchors) if self.anchors and pm.any()
+                   else np.zeros((0, 2), np.float32))
+        kw = {**self.mask_kw, 'connected': False}
+        if kw.get('magnitude') is not None: kw['magnitude'] *= zs / default_magnitude(self.prop, 1.0)
+        m, s = click_mask(view, p, n if len(n) else None, static=anchors, return_scores=True, **kw)
         mask, scores = np.zeros_like(prev['mask']), prev['scores'].astype(np.float32)
         mask[sl], scores[sl] = m, s
         return mask, scores, (anchors + (x0, y0)).astype(np.float32)
