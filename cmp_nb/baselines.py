@@ -326,11 +326,11 @@ def measure_all(methods: dict, n_scenes: int = 48, sintel_root=None, size: int =
     for name, m in items:
         d = drag_figures(m, drag)
         split = guided_epe_split(m, moving)
-        r = {'drag_iou': d.pop('drag_iou'), 'guided_epe': split.pop('all')}
+        r = {'drag_iou': d.pop('drag_iou'), 'guided_epe': split['all']}
         for p, pair in pairs.items():
             for K, G in ((81, 200), (31, 80)): r[f'sintel_{p}_K{K}_G{G}'] = sintel_epe(m, pair, K, G)[0]
         r.update(d)                             # mag_err_<L>px ..., static_cut: the tables' column order
-        r['guided_epe_split'] = split           # (b) by region: targets, other parts, background
+        r['guided_epe_split'] = split           # (b) by region: targets, other parts, background, all
         rows[name] = r
     return rows
 
