@@ -104,14 +104,14 @@ SMALL_CHAIRS = register_weights(Weights(
     description="cmp_nb's default model: the small CPU encoder with the attend decoder (logits at 1/4, "
                 'pixels attend to the guided cells), trained on CHAIRS scenes with interactive-style guidance',
     trained_on=('CHAIRS-recipe synthetic scenes with exact flow (cmp_nb.synthetic.CHAIRS), one config from '
-                'scratch (configs/base.yaml): 7000 iterations x 8 crops of 192 px; guidance: watershed + grid '
+                'scratch (configs/base.yaml): 12000 iterations x 8 crops of 192 px in bfloat16; guidance: watershed + grid '
                 '(K=31, G=80) and interactive-style (60%; departs from the paper); run with the mode decoding and '
                 'edge snapping'),
     file='data_samples/default.pt', card='data_samples/default.md',
     figures='data_samples/default_run/figures.json#model: default',
     figures_note='cmp_nb.baselines figures (a)-(e) from benchmarks/bench_shipped.py; the baselines are in '
                  'the same file',
-    decode='mode', edge_snap=100.))
+    decode='mode', edge_snap=30.))
 
 AUTHORS_SEMIAUTO = register_weights(Weights(
     name='authors-semiauto', preset='resnet50-skip-official', train_crop=384, train_short_side=416,
