@@ -2,8 +2,8 @@
 
 Runs the real trainer (`cmp_train`, data loading included) for a few iterations per setting and prints the
 steady pairs/s (median of the logged rates after the first logging interval, which pays for start-up), the ratio
-to float32, and the minutes the config's own iteration count would take at that rate. A short run still pays for its start
-(the first batches, the allocator, oneDNN's kernel choices), so it understates the rates of a long run; compare the
+to float32, and the minutes the config's own iteration count would take at that rate. A short run still pays for
+its start (the first batches, the allocator, oneDNN's kernel choices), so it understates the rates of a long run; compare the
 settings with each other, and a whole run's rate from its metrics.jsonl.
 
 Settings: float32 (train.amp=none); bfloat16 autocast (train.amp=bf16); bfloat16 + channels_last. On a CPU,
@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     p.add_argument('--json', help='also write the rows here')
     a = p.parse_args(argv)
     from cmp_nb.config import as_config, load_config
-    cfg = as_config(load_config(a.config), a.config)
+    try: cfg = as_config(load_config(a.config), a.config)
+    except (ValueError, FileNotFoundError) as e: p.error(f'--config {a.config}: {e}')
     T = cfg.train
     print(f'== {a.config}: batch {T.batch_size}, {T.iters} iterations, device {T.device}, {T.threads} threads; '
           f'CPU bf16 features: {cpu_bf16_flags() or "none"}')
