@@ -19,7 +19,7 @@ Variants (all the small CPU encoder, batch 8, 192 px crops, on this 2-core CPU):
   fp32-7000             the previous default network: small-attend from scratch in one config, 60% interactive-style
                         guidance, 40 px shifts, 7000 its in float32 (84 minutes); softmax-mean decoding, no edge snap
   default               the shipped default network: the same config in bfloat16 autocast with channels_last, which
-                        this CPU trains 1.7x faster, so 12000 its fit the same budget (configs/base.yaml); softmax-mean
+                        this CPU trains 1.75x faster, so 12000 its fit the same budget (configs/base.yaml); softmax-mean
                         decoding, no edge snap
   default, as shipped   the same weights as `load_propagator()` runs them: the mode decoding and edge snapping
                         its registry entry recommends (cmp_nb.losses.logits_to_flow_mode, cmp_nb.propagator.snap_to_edges)
